@@ -1,0 +1,19 @@
+"""Shared by tests/ and bench/: run Triton kernels through the interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before the first @triton.jit function is defined, which is why it
+is set here, at collection time, before any san_fast.kernels module is imported.
+"""
+
+import os
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

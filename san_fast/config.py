@@ -1,0 +1,239 @@
+"""The one configuration object of a run, its presets, and the command line that fills it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Optional
+
+DATASETS = ("synthetic", "coco27", "coco3", "coco15", "cityscapes", "potsdam", "potsdam3")
+NUM_CLASSES = {
+    "coco27": 27,
+    "coco3": 3,
+    "coco15": 15,
+    "cityscapes": 27,
+    "potsdam": 6,
+    "potsdam3": 3,
+}
+ENCODERS = ("conv3x3", "resnet18", "unet")
+ATTN_BACKENDS = ("auto", "xformers", "sdpa", "math")
+SEAT_IMPLS = ("auto", "triton", "torch")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+EVAL_PROTOCOLS = ("picie", "iic")
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = "synthetic"
+    data_root: Optional[str] = None
+    crop_size: int = 128
+    eval_protocol: str = "picie"  # picie: short side 320 + centre crop 320; iic: see san_fast.data
+    num_workers: int = 2
+    synthetic_classes: int = 6
+    synthetic_train_size: int = 2000
+    synthetic_val_size: int = 200
+    synthetic_seed: int = 0
+
+    # model (paper defaults)
+    embed_dim: int = 1024  # P: length of pixel-wise and semantic embeddings
+    num_semantics: Optional[int] = None  # N; None = the dataset's class count
+    encoder: str = "conv3x3"
+    vit_depth: int = 6
+    vit_dim: int = 384
+    vit_heads: int = 6
+    patch_size: int = 8
+    attn: str = "auto"
+    seat_impl: str = "auto"
+
+    # ablations of the paper's Table 5 (all True = the full model)
+    reconstruction: bool = True
+    batch_wise: bool = True
+    token_matcher: bool = True
+    # consistency target of F_G(Theta): the image x (Eq. 9) or F_G(Q) (detached switch off)
+    consistency_target: str = "image"
+    uniformity_weight: float = 1.0
+
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: Optional[int] = None  # cap on optimiser steps, for smoke runs
+    eval_every: int = 1  # epochs between validations
+
+    # runtime
+    device: str = "auto"
+    amp: str = "auto"
+    compile: bool = False
+    channels_last: Optional[bool] = None  # None = on for CUDA
+    out: str = "runs/latest"
+    num_vis: int = 6
+    baseline: bool = True  # also fit and report the k-means-on-pixels baseline
+    preset: Optional[str] = None
+
+    def num_classes(self) -> int:
+        if self.dataset == "synthetic":
+            return self.synthetic_classes
+        return NUM_CLASSES[self.dataset]
+
+    def semantics(self) -> int:
+        return self.num_semantics or self.num_classes()
+
+    def validate(self) -> "Config":
+        choices = {
+            "dataset": DATASETS,
+            "encoder": ENCODERS,
+            "attn": ATTN_BACKENDS,
+            "seat_impl": SEAT_IMPLS,
+            "amp": AMP_MODES,
+            "eval_protocol": EVAL_PROTOCOLS,
+            "consistency_target": ("image", "rec_q"),
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"config.{name}={value!r}: expected one of {', '.join(allowed)}")
+        if self.crop_size % self.patch_size:
+            raise ValueError(
+                f"crop_size={self.crop_size} must be a multiple of patch_size={self.patch_size}"
+            )
+        if self.vit_dim % self.vit_heads:
+            raise ValueError(f"vit_dim={self.vit_dim} must be divisible by vit_heads={self.vit_heads}")
+        if self.semantics() < 2:
+            raise ValueError(f"need at least 2 semantics, got {self.semantics()}")
+        if self.dataset != "synthetic" and self.data_root is None:
+            raise ValueError(
+                f"--dataset {self.dataset} reads files from disk: pass --data-root DIR "
+                "(README.md, section Datasets, shows the expected layout)"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Presets are partial configs applied before the user's own flags. `cpu` is what
+# `python train.py` uses with no arguments: small enough to train on 2 CPU cores in minutes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        dataset="synthetic", crop_size=64, embed_dim=128, vit_dim=96, vit_heads=4, vit_depth=2,
+        patch_size=8, epochs=4, batch_size=16, lr=1e-3, synthetic_train_size=1024,
+        synthetic_val_size=128, num_workers=0,
+    ),
+    # The paper's setting (crops 128, P=1024, ViT-6, patch 8, Adam 1e-4, 30 epochs), per dataset.
+    "paper": dict(crop_size=128, embed_dim=1024, vit_depth=6, patch_size=8, lr=1e-4, epochs=30,
+                  batch_size=16),
+}
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "coco27": dict(eval_protocol="picie"),
+    "cityscapes": dict(eval_protocol="picie"),
+    "coco3": dict(eval_protocol="iic"),
+    "coco15": dict(eval_protocol="iic"),
+    "potsdam": dict(eval_protocol="iic"),
+    "potsdam3": dict(eval_protocol="iic"),
+}
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, dest: str, help_on: str) -> None:
+    parser.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help_on)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train and evaluate SAN (unsupervised semantic segmentation).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = Config()
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="base settings: 'cpu' (default for synthetic data without a GPU), "
+                        "'paper' (the paper's hyper-parameters; default for real datasets)")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help=f"(default {d.dataset})")
+    p.add_argument("--data-root", default=None, help="folder holding the dataset (see README)")
+    p.add_argument("--eval-protocol", choices=EVAL_PROTOCOLS, default=None,
+                   help="picie: short side 320 + centre crop 320 (PiCIE/STEGO); iic: IIC's crops")
+    p.add_argument("--crop-size", type=int, default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--synthetic-classes", type=int, default=None)
+    p.add_argument("--synthetic-train-size", type=int, default=None)
+    p.add_argument("--synthetic-val-size", type=int, default=None)
+
+    p.add_argument("--embed-dim", type=int, default=None, help="P, embedding length (paper 1024)")
+    p.add_argument("--num-semantics", type=int, default=None,
+                   help="N semantic embeddings (default: the dataset's class count)")
+    p.add_argument("--encoder", choices=ENCODERS, default=None, help="pixel-wise encoder (Table 4)")
+    p.add_argument("--vit-depth", type=int, default=None, help="ViT blocks (Table 4: 4 or 6)")
+    p.add_argument("--vit-dim", type=int, default=None)
+    p.add_argument("--vit-heads", type=int, default=None)
+    p.add_argument("--patch-size", type=int, default=None)
+    p.add_argument("--attn", choices=ATTN_BACKENDS, default=None,
+                   help="ViT attention backend (env SAN_ATTN overrides auto)")
+    p.add_argument("--seat-impl", choices=SEAT_IMPLS, default=None,
+                   help="SEAT + reconstruction op: Triton kernel or plain PyTorch")
+
+    _bool_flag(p, "no-reconstruction", "no_reconstruction", "ablation: drop the image reconstruction task")
+    _bool_flag(p, "no-batch-wise", "no_batch_wise", "ablation: per-image descriptors, no batch mean")
+    _bool_flag(p, "no-token-matcher", "no_token_matcher", "ablation: p = 1, no token matcher")
+    p.add_argument("--consistency-target", choices=("image", "rec_q"), default=None)
+    p.add_argument("--uniformity-weight", type=float, default=None)
+
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
+                   help="auto: bf16 where supported, fp16+GradScaler on V100, off on CPU")
+    _bool_flag(p, "compile", "compile", "torch.compile the training step")
+    p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
+                   default=None, help="channels-last memory format (default: on for CUDA)")
+    _bool_flag(p, "no-baseline", "no_baseline", "skip the k-means-on-pixels baseline")
+    p.add_argument("--out", default=None, help="run folder for config, metrics, checkpoint, pictures")
+    return p
+
+
+def config_from_args(argv: Optional[list[str]] = None) -> Config:
+    args = build_parser().parse_args(argv)
+    return resolve(vars(args))
+
+
+def resolve(flags: dict[str, Any], cuda_available: Optional[bool] = None) -> Config:
+    """Default < preset < dataset preset < flags the user gave."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    flags = {k: v for k, v in flags.items() if v is not None}
+    dataset = flags.get("dataset", Config.dataset)
+    preset = flags.get("preset")
+    if preset is None:
+        preset = "cpu" if dataset == "synthetic" and not cuda_available else "paper"
+    values: dict[str, Any] = {}
+    values.update(PRESETS[preset])
+    values.update(DATASET_PRESETS.get(dataset, {}))
+    renames = {"no_reconstruction": "reconstruction", "no_batch_wise": "batch_wise",
+               "no_token_matcher": "token_matcher", "no_baseline": "baseline"}
+    for key, value in flags.items():
+        if key in renames:
+            values[renames[key]] = not value
+        else:
+            values[key] = value
+    values["preset"] = preset
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    return Config(**values).validate()
+
+
+def load_config(path: str) -> Config:
+    with open(path) as f:
+        return Config(**json.load(f)).validate()
