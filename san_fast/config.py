@@ -31,6 +31,8 @@ class Config:
     data_root: Optional[str] = None
     crop_size: int = 128
     eval_protocol: str = "picie"  # picie: short side 320 + centre crop 320; iic: see san_fast.data
+    data_cache: Optional[str] = None  # `prepare --out` folder; default <data_root>/san_fast_cache
+    train_crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crop
     num_workers: int = 2
     synthetic_classes: int = 6
     synthetic_train_size: int = 2000
@@ -42,8 +44,8 @@ class Config:
     num_semantics: Optional[int] = None  # N; None = the dataset's class count
     encoder: str = "conv3x3"
     vit_depth: int = 6
-    vit_dim: int = 384
-    vit_heads: int = 6
+    vit_dim: Optional[int] = None  # None = P: the paper's blocks output (K, P) tokens
+    vit_heads: Optional[int] = None  # None = vit_dim // 64
     patch_size: int = 8
     attn: str = "auto"
     seat_impl: str = "auto"
@@ -83,6 +85,12 @@ class Config:
     def semantics(self) -> int:
         return self.num_semantics or self.num_classes()
 
+    def vit_width(self) -> int:
+        return self.vit_dim or self.embed_dim
+
+    def vit_num_heads(self) -> int:
+        return self.vit_heads or max(1, self.vit_width() // 64)
+
     def validate(self) -> "Config":
         choices = {
             "dataset": DATASETS,
@@ -101,8 +109,10 @@ class Config:
             raise ValueError(
                 f"crop_size={self.crop_size} must be a multiple of patch_size={self.patch_size}"
             )
-        if self.vit_dim % self.vit_heads:
-            raise ValueError(f"vit_dim={self.vit_dim} must be divisible by vit_heads={self.vit_heads}")
+        if self.vit_width() % self.vit_num_heads():
+            raise ValueError(
+                f"vit_dim={self.vit_width()} must be divisible by vit_heads={self.vit_num_heads()}"
+            )
         if self.semantics() < 2:
             raise ValueError(f"need at least 2 semantics, got {self.semantics()}")
         if self.dataset != "synthetic" and self.data_root is None:
@@ -157,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'paper' (the paper's hyper-parameters; default for real datasets)")
     p.add_argument("--dataset", choices=DATASETS, default=None, help=f"(default {d.dataset})")
     p.add_argument("--data-root", default=None, help="folder holding the dataset (see README)")
+    p.add_argument("--data-cache", default=None,
+                   help="cache written by `python -m san_fast.data.prepare --out` "
+                        "(default DATA_ROOT/san_fast_cache when present)")
     p.add_argument("--eval-protocol", choices=EVAL_PROTOCOLS, default=None,
                    help="picie: short side 320 + centre crop 320 (PiCIE/STEGO); iic: IIC's crops")
     p.add_argument("--crop-size", type=int, default=None)
@@ -236,4 +249,6 @@ def resolve(flags: dict[str, Any], cuda_available: Optional[bool] = None) -> Con
 
 def load_config(path: str) -> Config:
     with open(path) as f:
-        return Config(**json.load(f)).validate()
+        values = json.load(f)
+    values["train_crop_scale"] = tuple(values.get("train_crop_scale", Config.train_crop_scale))
+    return Config(**values).validate()

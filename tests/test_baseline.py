@@ -1,0 +1,80 @@
+import time
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from san_fast.baseline import kmeans, kmeans_pixel_baseline
+from san_fast.data.synthetic import SyntheticScenes
+
+COLOURS = torch.tensor([[220, 30, 30], [30, 200, 40], [40, 60, 230], [240, 240, 240]],
+                       dtype=torch.uint8)
+
+
+class FlatColours(Dataset):
+    """Random 4x4-pixel blocks of 4 classes, each a distinct flat colour plus slight noise."""
+
+    def __init__(self, length, seed):
+        self.length, self.seed = length, seed
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1000 + i)
+        label = torch.randint(0, 4, (4, 4), generator=g)
+        label = label.repeat_interleave(4, 0).repeat_interleave(4, 1)
+        image = COLOURS[label].permute(2, 0, 1).short()
+        image = image + torch.randint(-5, 6, image.shape, generator=g)
+        label[0, 0] = 255  # an ignored pixel, as real datasets have
+        return image.clamp(0, 255).to(torch.uint8), label
+
+
+def test_flat_colours_are_solved():
+    result = kmeans_pixel_baseline(FlatColours(40, 0), FlatColours(10, 1), num_clusters=4)
+    assert result["method"] == "kmeans-pixels"
+    assert result["acc"] > 0.99 and result["miou"] > 0.98
+    assert result["num_pixels"] == 10 * 255
+
+
+def test_seeded_runs_are_deterministic():
+    train, val = SyntheticScenes(4, 32, 40, 0), SyntheticScenes(4, 32, 8, 0, split="val")
+    a = kmeans_pixel_baseline(train, val, 4, max_pixels=5000, seed=1)
+    b = kmeans_pixel_baseline(train, val, 4, max_pixels=5000, seed=1)
+    assert a == b
+    assert a["train_pixels"] == 5000
+
+
+def test_more_clusters_than_classes():
+    result = kmeans_pixel_baseline(FlatColours(20, 0), FlatColours(5, 1), num_clusters=6,
+                                   num_classes=4)
+    assert len(result["assignment"]) == 6 and result["acc"] > 0.99
+
+
+def test_kmeans_recovers_separated_blobs():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
+    x = (centres[:, None] + 0.1 * torch.randn(3, 100, 2, generator=g)).reshape(-1, 2)
+    found, inertia = kmeans(x, 3, seed=0)
+    assert torch.cdist(centres, found).min(1).values.max() < 0.1
+    assert inertia < 0.05
+    with pytest.raises(ValueError, match="at least k=3"):
+        kmeans(x[:2], 3)
+
+
+def test_empty_training_set_is_an_error():
+    with pytest.raises(ValueError, match="empty"):
+        kmeans_pixel_baseline(FlatColours(0, 0), FlatColours(2, 1), 4)
+
+
+def test_synthetic_default_leaves_room_for_a_model():
+    # The default synthetic setting of the cpu preset: 6 classes, 64x64, 1024 train / 128 val.
+    train, val = SyntheticScenes(6, 64, 1024, 0), SyntheticScenes(6, 64, 128, 0, split="val")
+    start = time.perf_counter()
+    result = kmeans_pixel_baseline(train, val, 6)
+    seconds = time.perf_counter() - start
+    print(f"k-means on pixels, synthetic default: acc {result['acc']:.3f} "
+          f"mIoU {result['miou']:.3f} in {seconds:.1f}s")
+    assert 0.2 < result["acc"] < 0.8
+    assert result["clusters_used"] == 6
+    assert seconds < 15

@@ -1,0 +1,51 @@
+"""One config object, one CLI: presets, flags, and clear errors."""
+
+import json
+
+import pytest
+
+from san_fast.config import Config, build_parser, load_config, resolve
+
+
+def test_no_arguments_on_cpu_gives_the_cpu_preset():
+    cfg = resolve({}, cuda_available=False)
+    assert cfg.preset == "cpu" and cfg.dataset == "synthetic"
+
+
+def test_gpu_and_real_datasets_default_to_the_paper():
+    assert resolve({}, cuda_available=True).embed_dim == 1024
+    cfg = resolve({"dataset": "coco27", "data_root": "x"}, cuda_available=False)
+    assert cfg.preset == "paper" and cfg.num_classes() == 27 and cfg.eval_protocol == "picie"
+    assert resolve({"dataset": "potsdam3", "data_root": "x"}, cuda_available=True).eval_protocol == "iic"
+
+
+def test_flags_override_presets_and_ablations_invert():
+    args = build_parser().parse_args(["--epochs", "2", "--no-token-matcher", "--no-batch-wise",
+                                      "--no-reconstruction", "--compile", "--amp", "bf16",
+                                      "--encoder", "unet", "--vit-depth", "4"])
+    cfg = resolve(vars(args), cuda_available=False)
+    assert cfg.epochs == 2 and cfg.compile and cfg.amp == "bf16"
+    assert not (cfg.token_matcher or cfg.batch_wise or cfg.reconstruction)
+    assert cfg.encoder == "unet" and cfg.vit_depth == 4
+
+
+def test_real_dataset_needs_a_root():
+    with pytest.raises(ValueError, match="--data-root"):
+        resolve({"dataset": "cityscapes"}, cuda_available=False)
+
+
+def test_bad_values_say_what_was_expected():
+    with pytest.raises(ValueError, match="expected one of"):
+        Config(encoder="vgg").validate()
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        Config(crop_size=100).validate()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--dataset", "imagenet"])
+
+
+def test_round_trip(tmp_path):
+    cfg = resolve({"seed": 3}, cuda_available=False)
+    path = tmp_path / "config.json"
+    path.write_text(cfg.to_json())
+    assert load_config(str(path)) == cfg
+    assert json.loads(cfg.to_json())["seed"] == 3

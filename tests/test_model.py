@@ -1,0 +1,115 @@
+"""SAN end to end on tiny shapes: every encoder, every ablation switch, eval determinism."""
+
+import pytest
+import torch
+
+from san_fast.config import Config, resolve
+from san_fast.model import SAN
+from san_fast.model.encoders import build_encoder
+from san_fast.model.san import alignment_loss, uniformity_loss
+
+
+def tiny(**overrides) -> Config:
+    base = dict(crop_size=32, embed_dim=32, vit_dim=32, vit_heads=2, vit_depth=1, synthetic_classes=5,
+                seat_impl="torch")
+    base.update(overrides)
+    return Config(**base).validate()
+
+
+@pytest.mark.parametrize("name", ["conv3x3", "resnet18", "unet"])
+def test_encoders_keep_full_resolution(name):
+    enc = build_encoder(name, 24)
+    out = enc(torch.randn(2, 3, 32, 48))
+    assert out.shape == (2, 24, 32, 48)
+    assert torch.isfinite(out).all()
+
+
+def test_encoder_name_error():
+    with pytest.raises(ValueError, match="conv3x3, resnet18 or unet"):
+        build_encoder("vgg", 8)
+
+
+def test_forward_shapes_and_paper_defaults():
+    cfg = resolve({"preset": "paper"}, cuda_available=False)
+    assert (cfg.embed_dim, cfg.vit_depth, cfg.patch_size, cfg.crop_size, cfg.lr) == (1024, 6, 8, 128, 1e-4)
+    assert cfg.semantics() == cfg.num_classes()
+    cfg = tiny()
+    model = SAN(cfg)
+    x = torch.randn(3, 3, 32, 32)
+    q, gamma, zeta = model(x)
+    assert q.shape == (3, 32, 32, 32)
+    assert gamma.shape == (3, 5, 32)
+    assert zeta.shape == (5, 32)  # batch-wise: one set of semantics for the batch
+
+
+def test_losses_backpropagate_to_every_part():
+    model = SAN(tiny())
+    terms, _, _ = model.losses(torch.randn(4, 3, 32, 32))
+    assert set(terms) == {"rec", "con", "uni", "loss"}
+    expected = terms["rec"] + terms["con"] + terms["uni"]
+    assert torch.allclose(terms["loss"], expected)
+    terms["loss"].backward()
+    for part in (model.encoder, model.vit, model.generator, model.matcher, model.recon):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_ablation_switches():
+    x = torch.randn(2, 3, 32, 32)
+    no_rec = SAN(tiny(reconstruction=False))
+    terms, _, _ = no_rec.losses(x)
+    assert set(terms) == {"align", "uni", "loss"}
+
+    no_batch = SAN(tiny(batch_wise=False))
+    _, gamma, zeta = no_batch(x)
+    assert zeta.shape == (2, 5, 32)  # each image its own semantics
+
+    no_matcher = SAN(tiny(token_matcher=False))
+    assert no_matcher.matcher is None
+    _, gamma, zeta = no_matcher(x)
+    assert torch.equal(gamma, zeta.expand_as(gamma))  # p = 1
+
+    heavier = SAN(tiny(uniformity_weight=3.0))
+    terms, _, _ = heavier.losses(x)
+    assert torch.allclose(terms["loss"], terms["rec"] + terms["con"] + 3.0 * terms["uni"])
+
+
+def test_vit_depth_switch():
+    assert len(SAN(tiny(vit_depth=3)).vit.blocks) == 3
+
+
+def test_eval_prediction_does_not_depend_on_batch_mates():
+    torch.manual_seed(0)
+    model = SAN(tiny())
+    model.train()
+    for _ in range(3):
+        model.losses(torch.randn(4, 3, 32, 32))
+    model.eval()
+    a = torch.randn(1, 3, 32, 32)
+    alone = model.predict(a)
+    with_others = model.predict(torch.cat([a, torch.randn(5, 3, 32, 32)]))[:1]
+    assert alone.shape == (1, 32, 32)
+    assert torch.equal(alone, with_others)
+    assert alone.min() >= 0 and alone.max() < 5
+
+
+def test_eval_at_larger_resolution_interpolates_positions():
+    model = SAN(tiny()).eval()
+    assert model.predict(torch.randn(1, 3, 48, 64)).shape == (1, 48, 64)
+
+
+def test_uniformity_loss_is_zero_for_orthogonal_and_positive_otherwise():
+    eye = torch.eye(4, 8)
+    assert uniformity_loss(eye).item() == pytest.approx(0.0, abs=1e-7)
+    same = torch.ones(4, 8)
+    # all cosines 1: the 12 off-diagonal entries of a 4x4 matrix are off by one
+    assert uniformity_loss(same).item() == pytest.approx(12 / 16)
+
+
+def test_alignment_loss_matches_explicit_formula():
+    q = torch.randn(2, 8, 3, 5)
+    gamma = torch.randn(2, 4, 8)
+    rows = q.permute(0, 2, 3, 1).reshape(2, 15, 8)
+    theta = torch.softmax(rows @ gamma.transpose(1, 2) / 8**0.5, -1) @ gamma
+    assert alignment_loss(q, gamma).item() == pytest.approx(((theta - rows) ** 2).mean().item(), rel=1e-5)

@@ -1,0 +1,92 @@
+import time
+
+import pytest
+import torch
+
+from san_fast.config import Config
+from san_fast.data import build_dataset
+from san_fast.data.synthetic import TEXTURES, SyntheticScenes, class_names, material
+
+
+def test_items_have_the_dataset_contract():
+    ds = SyntheticScenes(6, 32, 5, seed=0)
+    assert len(ds) == 5
+    image, label = ds[0]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+    assert label.dtype == torch.int64 and label.shape == (32, 32)
+    assert 0 <= int(label.min()) and int(label.max()) < 6
+
+
+def test_deterministic_per_seed_split_and_index():
+    a = SyntheticScenes(6, 32, 4, seed=3)
+    b = SyntheticScenes(6, 32, 4, seed=3)
+    for i in (0, 3):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    assert torch.equal(a[-1][0], a[3][0])
+    assert not torch.equal(a[0][0], a[1][0])
+    assert not torch.equal(a[0][0], SyntheticScenes(6, 32, 4, seed=4)[0][0])
+    assert not torch.equal(a[0][0], SyntheticScenes(6, 32, 4, seed=3, split="val")[0][0])
+
+
+def test_cache_returns_the_same_items():
+    ds = SyntheticScenes(4, 16, 2, seed=0, cache=True)
+    assert ds[1] is ds[1]
+    assert torch.equal(ds[1][0], SyntheticScenes(4, 16, 2, seed=0)[1][0])
+
+
+def test_build_from_config_uses_sizes_and_disjoint_splits():
+    cfg = Config(synthetic_classes=5, synthetic_train_size=7, synthetic_val_size=3, crop_size=24)
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    assert len(train) == 7 and len(val) == 3
+    assert train[0][0].shape == (3, 24, 24) and val[0][1].shape == (24, 24)
+    assert not torch.equal(train[0][0], val[0][0])
+
+
+@pytest.mark.parametrize("num_classes", [2, 3, 27, 30])
+def test_any_class_count_covers_all_classes(num_classes):
+    ds = SyntheticScenes(num_classes, 32, 200, seed=0)
+    seen = torch.zeros(num_classes, dtype=torch.bool)
+    for i in range(len(ds)):
+        seen[ds[i][1].unique()] = True
+    assert seen.all()
+
+
+def test_scenes_have_several_regions():
+    ds = SyntheticScenes(6, 64, 50, seed=0)
+    counts = [len(ds[i][1].unique()) for i in range(len(ds))]
+    assert min(counts) >= 1 and max(counts) >= 3
+    assert sum(c >= 2 for c in counts) >= 40
+
+
+def test_materials_pair_colours_but_differ_in_texture():
+    for g in range(5):
+        a, b = material(2 * g), material(2 * g + 1)
+        assert abs(a.mean - b.mean).max() <= 0.061  # a shared mean colour
+        assert a.texture != b.texture
+    assert {material(k).texture for k in range(len(TEXTURES))} == set(TEXTURES)
+
+
+def test_class_names_are_unique_and_stable():
+    names = class_names(30)
+    assert len(set(names)) == 30
+    assert class_names(6) == names[:6]
+    assert SyntheticScenes(6, 16, 1, 0).class_names == names[:6]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="num_classes"):
+        SyntheticScenes(1, 32, 4, 0)
+    with pytest.raises(ValueError, match="split"):
+        SyntheticScenes(3, 32, 4, 0, split="test")
+    with pytest.raises(IndexError):
+        SyntheticScenes(3, 32, 4, 0)[4]
+
+
+def test_generation_is_fast():
+    ds = SyntheticScenes(6, 64, 200, seed=0)
+    start = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    per_image = (time.perf_counter() - start) / len(ds)
+    print(f"synthetic 64x64: {per_image * 1e3:.2f} ms per image")
+    assert per_image < 5e-3

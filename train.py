@@ -1,0 +1,22 @@
+"""Train and evaluate SAN: `python train.py --help` lists the flags; see README.md."""
+
+import sys
+
+from san_fast.config import build_parser, resolve
+from san_fast.engine import run
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    try:
+        cfg = resolve(vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        run(cfg)
+    except FileNotFoundError as exc:  # a dataset missing or laid out differently than expected
+        sys.exit(f"train.py: error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
