@@ -24,6 +24,7 @@ def _map_source_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["san_fast.kernels"] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules[__name__], "kernels", module)
 
 
 _map_source_kernels()

@@ -73,6 +73,7 @@ class Config:
     compile: bool = False
     channels_last: Optional[bool] = None  # None = on for CUDA
     out: str = "runs/latest"
+    resume: Optional[str] = None  # checkpoint.pt of an earlier run: continue after its last epoch
     num_vis: int = 6
     baseline: bool = True  # also fit and report the k-means-on-pixels baseline
     preset: Optional[str] = None
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="channels-last memory format (default: on for CUDA)")
     _bool_flag(p, "no-baseline", "no_baseline", "skip the k-means-on-pixels baseline")
     p.add_argument("--out", default=None, help="run folder for config, metrics, checkpoint, pictures")
+    p.add_argument("--resume", default=None, help="continue training from a checkpoint.pt")
     return p
 
 

@@ -103,9 +103,15 @@ def run(cfg: Config) -> dict:
         total_steps = min(total_steps, cfg.max_steps)
     epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
     history: dict[str, list[float]] = {}
-    step, images_seen, train_time, scores = 0, 0, 0.0, None
+    step, images_seen, train_time, scores, first_epoch = 0, 0, 0.0, None, 1
+    if cfg.resume:
+        state = torch.load(cfg.resume, map_location=runtime.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, first_epoch = state["step"], state["history"], state["epoch"] + 1
+        print(f"resumed from {cfg.resume}: epoch {state['epoch']}, step {step}")
     model.train()
-    for epoch in range(1, epochs + 1):
+    for epoch in range(first_epoch, epochs + 1):
         sums: dict[str, float] = {}
         seen = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True,

@@ -1,4 +1,3 @@
-import time
 
 import pytest
 import torch
@@ -70,11 +69,6 @@ def test_empty_training_set_is_an_error():
 def test_synthetic_default_leaves_room_for_a_model():
     # The default synthetic setting of the cpu preset: 6 classes, 64x64, 1024 train / 128 val.
     train, val = SyntheticScenes(6, 64, 1024, 0), SyntheticScenes(6, 64, 128, 0, split="val")
-    start = time.perf_counter()
     result = kmeans_pixel_baseline(train, val, 6)
-    seconds = time.perf_counter() - start
-    print(f"k-means on pixels, synthetic default: acc {result['acc']:.3f} "
-          f"mIoU {result['miou']:.3f} in {seconds:.1f}s")
     assert 0.2 < result["acc"] < 0.8
     assert result["clusters_used"] == 6
-    assert seconds < 15

@@ -61,3 +61,11 @@ def test_cli_missing_dataset_is_a_clear_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "not found" in proc.stderr and "expected layout" in proc.stderr
+
+
+def test_resume_continues_after_the_saved_epoch(tmp_path):
+    run(resolve(tiny_flags(tmp_path / "a", epochs=1, baseline=False), cuda_available=False))
+    result = run(resolve(tiny_flags(tmp_path / "b", epochs=2, baseline=False,
+                                    resume=str(tmp_path / "a" / "checkpoint.pt")), cuda_available=False))
+    assert result["train"]["steps"] == 8
+    assert len(result["history"]["loss"]) == 2
