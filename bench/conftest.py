@@ -48,3 +48,31 @@ def copy_bandwidth() -> float:
             dst.copy_(src)
         seconds = (time.perf_counter() - t0) / reps
     return 2 * nbytes / seconds
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record the GPU and its state (clocks, temperature, power) beside the timings: a reader
+    comparing two result files should see whether the card ran at the same clocks."""
+    if not torch.cuda.is_available():
+        machine_info["gpu"] = None
+        return
+    info = {"name": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability())}
+    try:
+        import pynvml
+    except ImportError:  # nvidia-ml-py is a test extra; the timings stand without it
+        machine_info["gpu"] = info
+        return
+    pynvml.nvmlInit()
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        info.update(
+            driver=pynvml.nvmlSystemGetDriverVersion(),
+            sm_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            max_sm_clock_mhz=pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            memory_clock_mhz=pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            temperature_c=pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU),
+            power_w=pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
+        )
+    finally:
+        pynvml.nvmlShutdown()
+    machine_info["gpu"] = info

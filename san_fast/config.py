@@ -135,7 +135,7 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         dataset="synthetic", crop_size=64, embed_dim=128, vit_dim=96, vit_heads=4, vit_depth=2,
-        patch_size=8, epochs=4, batch_size=16, lr=1e-3, synthetic_train_size=1024,
+        patch_size=8, epochs=6, batch_size=16, lr=1e-3, synthetic_train_size=1024,
         synthetic_val_size=128, num_workers=0,
     ),
     # The paper's setting (crops 128, P=1024, ViT-6, patch 8, Adam 1e-4, 30 epochs), per dataset.

@@ -185,7 +185,8 @@ def run(cfg: Config) -> dict:
     if shown:
         save_prediction_grid(out / "predictions.png", shown["images"], shown["targets"], shown["preds"],
                              class_names=names, assignment=scores["assignment"])
-    save_loss_curve(out / "curves.png", {k: v for k, v in history.items() if k != "clusters_used"})
+    save_loss_curve(out / "curves.png", {k: v for k, v in history.items() if k != "clusters_used"},
+                    xlabel="epoch")
     print(summary_table(result))
     print(f"wrote {out / 'config.json'}, {out / 'metrics.json'}, {out / 'checkpoint.pt'}, "
           f"{out / 'predictions.png'}, {out / 'curves.png'}")

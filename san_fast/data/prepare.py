@@ -14,7 +14,7 @@ NAME is coco27, coco15, coco3, cityscapes, potsdam or potsdam3. The command
 - Potsdam: decodes every tile to check it; its 200x200 .mat tiles need no cache.
 
 The cache goes to ``<data-root>/san_fast_cache`` or ``--out`` (then give the loaders the same
-folder as ``cfg.data_cache``). Files are written atomically, so an interrupted run resumes where
+folder as ``train.py --data-cache``). Files are written atomically, so an interrupted run resumes where
 it stopped; ``--force`` rewrites everything.
 """
 
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="the folder given to train.py --data-root")
     p.add_argument("--out", default=None,
                    help="cache folder (default <data-root>/san_fast_cache; if set, train with "
-                        "cfg.data_cache pointing at it)")
+                        "train.py --data-cache pointing at it)")
     p.add_argument("--protocol", choices=(*EVAL_PROTOCOLS, "all"), default=None,
                    help="protocol(s) to cache for (default: the dataset's preset)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs)")

@@ -36,11 +36,16 @@ _SPLIT_IDS = {"train": 0, "val": 1}
 # Difficulty knobs, in units of [0, 1] colour.
 _PERIOD_RANGE = (3.5, 8.0)  # texture period in pixels: visible inside a 3x3-9x9 window
 _AMPLITUDE_RANGE = (0.13, 0.22)  # half peak-to-peak modulation along the colour axis
-_PAIR_COLOUR_DELTA = 0.03  # how far the two classes of a pair sit from their shared mean colour
+# How far the two classes of a pair sit from their common base colour. Pairs within a few
+# hundredths are indistinguishable to any colour-reconstruction objective (SAN's included), so
+# the pairs differ by a shade, which strong lighting then makes ambiguous pixel by pixel.
+_PAIR_COLOUR_DELTA = 0.25
 _PIXEL_NOISE = 0.025
-_GAIN_RANGE = (0.7, 1.3)  # per-image multiplicative lighting
-_OFFSET_RANGE = (-0.08, 0.08)  # per-image additive lighting
-_CAST_STD = 0.06  # per-image, per-channel log-gain: a mild colour cast
+# Per-image multiplicative lighting: the main reason colour alone is not enough. Measured
+# (3 seeds, cpu preset): SAN, which sees the whole image, adapts to it; k-means on pixels cannot.
+_GAIN_RANGE = (0.5, 1.5)
+_OFFSET_RANGE = (0.0, 0.0)  # per-image additive lighting
+_CAST_STD = 0.0  # per-image, per-channel log-gain (colour cast)
 _SHADING = 0.12  # amplitude of a per-image linear illumination gradient across the image
 _WARP = 0.12  # boundary warp as a fraction of the image size
 
@@ -65,7 +70,8 @@ def _hue_name(hue: float) -> str:
 
 @functools.lru_cache(maxsize=None)
 def material(k: int) -> Material:
-    """Class ``k``'s material. Classes 2g and 2g+1 share a mean colour and differ in texture."""
+    """Class ``k``'s material. Classes 2g and 2g+1 share a base colour (up to a shade) and differ
+    in texture."""
     if k < 0:
         raise ValueError(f"class id must be >= 0, got {k}")
     group = k // 2
