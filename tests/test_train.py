@@ -69,3 +69,16 @@ def test_resume_continues_after_the_saved_epoch(tmp_path):
                                     resume=str(tmp_path / "a" / "checkpoint.pt")), cuda_available=False))
     assert result["train"]["steps"] == 8
     assert len(result["history"]["loss"]) == 2
+
+
+def test_train_on_a_coco27_fixture_in_the_real_layout(tmp_path):
+    from test_data_coco import make_coco
+
+    make_coco(tmp_path / "data")
+    flags = tiny_flags(tmp_path / "run", dataset="coco27", data_root=str(tmp_path / "data"), batch_size=2,
+                       epochs=1, num_vis=2)
+    result = run(resolve(flags, cuda_available=False))
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["protocol"]["protocol"] == "picie"
+    assert len(result["san"]["iou"]) == 27 and result["class_names"][0] == "electronic"
+    assert result["train"]["steps"] == 1  # 3 images, batch 2, last ragged batch dropped
