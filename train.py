@@ -2,15 +2,19 @@
 
 import sys
 
+from san_fast import ops
 from san_fast.config import build_parser, resolve
 from san_fast.engine import run
+from san_fast.runtime import resolve_device
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     try:
         cfg = resolve(vars(parser.parse_args(argv)))
-    except ValueError as exc:
+        # Checked before any data is read, so a wrong device or kernel choice fails at once.
+        ops.check_impl(cfg.seat_impl, resolve_device(cfg.device))
+    except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
     try:
         run(cfg)

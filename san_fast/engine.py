@@ -84,6 +84,7 @@ def run(cfg: Config) -> dict:
     val_loader = make_loader(cfg, val_set, False, runtime)
     num_classes = cfg.num_classes()
 
+    seat_impl = ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
     model = SAN(cfg).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -94,7 +95,7 @@ def run(cfg: Config) -> dict:
     print(f"san_fast: {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
           f"{num_classes} classes) | SAN {params / 1e6:.2f}M params, P={cfg.embed_dim}, "
           f"N={cfg.semantics()}, encoder {cfg.encoder}, ViT-{cfg.vit_depth} | device {runtime.device}, "
-          f"amp {runtime.amp_dtype or 'off'}, attention {backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, "
+          f"amp {runtime.amp_dtype or 'off'}, attention {backend}, SEAT {seat_impl}, "
           f"compile {cfg.compile} | run folder {out}")
 
     steps_per_epoch = len(train_loader)

@@ -189,17 +189,26 @@ def resolve_impl(impl: str, device) -> str:
     return "triton" if torch.cuda.get_device_capability(device)[0] >= 8 else "torch"
 
 
-def _use_triton(impl: str, q: torch.Tensor) -> bool:
-    impl = resolve_impl(impl, q.device)
+def check_impl(impl: str, device) -> str:
+    """Resolve `impl` for tensors on `device` and fail early, with the reason, where the
+    Triton kernels cannot run there. Returns 'triton' or 'torch'."""
+    impl = resolve_impl(impl, device)
     if impl == "torch":
-        return False
+        return impl
     if not _HAS_TRITON:
         raise RuntimeError("impl='triton' needs the triton package (pip install 'san-fast[triton]')")
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    device = torch.device(device)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
-            f"impl='triton' needs CUDA tensors (q is on {q.device}); set TRITON_INTERPRET=1 "
+            f"impl='triton' needs CUDA tensors (q is on {device}); set TRITON_INTERPRET=1 "
             "before importing san_fast to run the kernels in the CPU interpreter"
         )
+    return impl
+
+
+def _use_triton(impl: str, q: torch.Tensor) -> bool:
+    if check_impl(impl, q.device) == "torch":
+        return False
     if q.dtype == torch.bfloat16 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
         raise TypeError("bfloat16 q needs a GPU with compute capability >= 8.0 for impl='triton'")
     return True

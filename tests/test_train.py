@@ -82,3 +82,14 @@ def test_train_on_a_coco27_fixture_in_the_real_layout(tmp_path):
     assert metrics["protocol"]["protocol"] == "picie"
     assert len(result["san"]["iou"]) == 27 and result["class_names"][0] == "electronic"
     assert result["train"]["steps"] == 1  # 3 images, batch 2, last ragged batch dropped
+
+
+def test_cli_rejects_a_kernel_it_cannot_run_before_reading_data(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "train.py", "--seat-impl", "triton", "--device", "cpu",
+                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert "needs CUDA tensors" in proc.stderr
+    assert not (tmp_path / "run").exists()

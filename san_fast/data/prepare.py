@@ -20,6 +20,7 @@ it stopped; ``--force`` rewrites everything.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import os
 import sys
@@ -56,14 +57,14 @@ READ_ERRORS = (DatasetFileError, OSError)
 
 # --- jobs run over many files, in worker processes ---------------------------------------------
 
-class _Job:
+class _Job(abc.ABC):
     """Work over ``len(self)`` items; ``run(i)`` returns (status, detail)."""
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
 
-    def run(self, index: int) -> tuple[str, Any]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, index: int) -> tuple[str, Any]: ...
 
 
 @dataclass
