@@ -34,6 +34,8 @@ class Config:
     data_cache: Optional[str] = None  # `prepare --out` folder; default <data_root>/san_fast_cache
     train_crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crop
     num_workers: int = 2
+    color_jitter: float = 0.0  # per-image brightness/contrast/saturation/hue strength (training)
+    color_drop: float = 0.0  # probability of turning a training image gray
     synthetic_classes: int = 6
     synthetic_train_size: int = 2000
     synthetic_val_size: int = 200
@@ -147,8 +149,10 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "cityscapes": dict(eval_protocol="picie"),
     "coco3": dict(eval_protocol="iic"),
     "coco15": dict(eval_protocol="iic"),
-    "potsdam": dict(eval_protocol="iic"),
-    "potsdam3": dict(eval_protocol="iic"),
+    # The paper augments Potsdam "following IIC": IIC's jitter strengths (0.1) for brightness,
+    # contrast, saturation and hue; the colour-dropping probability is ours (SimCLR's 0.2).
+    "potsdam": dict(eval_protocol="iic", color_jitter=0.1, color_drop=0.2),
+    "potsdam3": dict(eval_protocol="iic", color_jitter=0.1, color_drop=0.2),
 }
 
 
@@ -175,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="picie: short side 320 + centre crop 320 (PiCIE/STEGO); iic: IIC's crops")
     p.add_argument("--crop-size", type=int, default=None)
     p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--color-jitter", type=float, default=None,
+                   help="training colour jitter strength, applied to whole batches on the device")
+    p.add_argument("--color-drop", type=float, default=None, help="probability of a gray training image")
     p.add_argument("--synthetic-classes", type=int, default=None)
     p.add_argument("--synthetic-train-size", type=int, default=None)
     p.add_argument("--synthetic-val-size", type=int, default=None)

@@ -119,7 +119,7 @@ def run(cfg: Config) -> dict:
                    total=min(steps_per_epoch, total_steps - step))
         tic = time.perf_counter()
         for images, _ in bar:
-            x = runtime.prepare(images)
+            x = runtime.prepare(images, cfg.color_jitter, cfg.color_drop)
             with runtime.autocast():
                 terms, q, gamma = loss_fn(x)
             optimizer.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from san_fast.augment import color_augment
 from san_fast.config import Config
 
 # ImageNet statistics: the usual normalisation of the peers; the reconstruction target is the
@@ -30,11 +31,14 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B,3,H,W) on any device -> normalised float on the run's device and layout."""
+    def prepare(self, images: torch.Tensor, jitter: float = 0.0, drop: float = 0.0) -> torch.Tensor:
+        """uint8 (B,3,H,W) on any device -> normalised float on the run's device and layout,
+        with batched colour augmentation when `jitter` or `drop` is set (training only)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B,3,H,W), got {images.dtype} {tuple(images.shape)}")
         x = images.to(self.device, non_blocking=True).float().div_(255.0)
+        if jitter or drop:
+            x = color_augment(x, jitter, drop)
         mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
         x = (x - mean) / std

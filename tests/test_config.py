@@ -49,3 +49,9 @@ def test_round_trip(tmp_path):
     path.write_text(cfg.to_json())
     assert load_config(str(path)) == cfg
     assert json.loads(cfg.to_json())["seed"] == 3
+
+
+def test_potsdam_presets_carry_the_papers_colour_augmentation():
+    cfg = resolve({"dataset": "potsdam", "data_root": "x"}, cuda_available=True)
+    assert cfg.color_jitter == 0.1 and cfg.color_drop == 0.2
+    assert resolve({}, cuda_available=False).color_jitter == 0.0
