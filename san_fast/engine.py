@@ -143,6 +143,8 @@ def run(cfg: Config) -> dict:
                 labels = ops.seat_labels(q.detach(), gamma.detach(), impl=cfg.seat_impl)
                 used = int(torch.unique(labels).numel())
                 history.setdefault("clusters_used", []).append(used)
+            # Q is as large as the op's input: drop it now, not when the next step rebinds it.
+            del q, gamma
             bar.set_postfix(loss=f"{values['loss']:.4f}", used=f"{used}/{cfg.semantics()}")
             if step >= total_steps:
                 break
