@@ -113,3 +113,23 @@ def test_alignment_loss_matches_explicit_formula():
     rows = q.permute(0, 2, 3, 1).reshape(2, 15, 8)
     theta = torch.softmax(rows @ gamma.transpose(1, 2) / 8**0.5, -1) @ gamma
     assert alignment_loss(q, gamma).item() == pytest.approx(((theta - rows) ** 2).mean().item(), rel=1e-5)
+
+
+def test_compiled_model_calls_the_triton_op_without_graph_breaks():
+    """fullgraph=True fails on any graph break, so the SEAT custom ops must trace as single
+    nodes inside the whole SAN loss (aot_eager on CPU keeps this fast; the interpreter runs
+    the kernels)."""
+    torch.manual_seed(0)
+    eager = SAN(tiny(seat_impl="triton"))
+    compiled_model = SAN(tiny(seat_impl="triton"))
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model.losses, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+    want, _, _ = eager.losses(x)
+    got, _, _ = compiled(x)
+    for key in ("rec", "con", "uni", "loss"):
+        assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-6), key
+    got["loss"].backward()
+    want["loss"].backward()
+    for (name, p_got), p_want in zip(compiled_model.named_parameters(), eager.parameters()):
+        assert torch.allclose(p_got.grad, p_want.grad, rtol=1e-3, atol=1e-6), name
