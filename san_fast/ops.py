@@ -79,6 +79,7 @@ def seat_reconstruct_reference(
 
 
 def _loss_dtype(q: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype of losses and weight gradients: fp32, or fp64 for float64 checks."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
@@ -225,8 +226,6 @@ def seat_reconstruct(
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """rec_q, rec_t (B,M,C) in q's dtype; differentiable in q, gamma, weight, bias."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl={impl!r}: expected 'auto', 'triton' or 'torch'")
     rows, gamma3, w2 = _validate(q, gamma, weight, bias)
     if not _use_triton(impl, q):
         return seat_reconstruct_reference(rows, gamma3, w2, bias)
@@ -255,8 +254,6 @@ def seat_reconstruct_loss(
     a GradScaler's scale) stay exact but cost one more read+write of dQ in the backward. Under
     torch.compile that pass always runs (skipping it needs a host-side check).
     """
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl={impl!r}: expected 'auto', 'triton' or 'torch'")
     if consistency_target not in CONSISTENCY_TARGETS:
         raise ValueError(f"consistency_target={consistency_target!r}: expected 'image' or 'rec_q'")
     h_rec, h_con = (float(w) for w in loss_weights)
@@ -279,8 +276,6 @@ def seat_reconstruct_loss(
 
 def seat_labels(q: torch.Tensor, gamma: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Argmax over N of the SEAT attention, (B,M) int64, without the attention in memory."""
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl={impl!r}: expected 'auto', 'triton' or 'torch'")
     rows, gamma3, _ = _validate(q, gamma)
     if not _use_triton(impl, q):
         return seat_labels_reference(rows, gamma3)
@@ -312,10 +307,6 @@ def _define_op(name: str, impl, fake, mutates_args=()):
 
 def _launch_wrapper():
     return torch.library.wrap_triton if _use_triton_op() else (lambda kernel: kernel)
-
-
-def _acc(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _zeros_if_none(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -437,7 +428,7 @@ def _register_ops() -> None:
         return (
             q.new_empty((bsz, m, c)),
             q.new_empty((bsz, m, c)),
-            q.new_empty((bsz, m), dtype=_acc(q)),
+            q.new_empty((bsz, m), dtype=_loss_dtype(q)),
         )
 
     def backward_impl(
@@ -456,7 +447,7 @@ def _register_ops() -> None:
         return dq, d_gamma, d_weight
 
     def backward_fake(q, gamma, weight, lse, grad_rec_q, grad_rec_t):
-        acc = _acc(q)
+        acc = _loss_dtype(q)
         return torch.empty_like(q), gamma.new_empty(gamma.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc)
 
     def loss_impl(
@@ -478,7 +469,7 @@ def _register_ops() -> None:
         return l_rec, l_con, rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u
 
     def loss_fake(q, gamma, weight, bias, x, target_rec_q, h_rec, h_con):
-        acc = _acc(q)
+        acc = _loss_dtype(q)
         bsz, m, _ = q.shape
         c = weight.shape[0]
         return (

@@ -26,6 +26,11 @@ class Runtime:
     channels_last: bool
     scaler: Optional[torch.amp.GradScaler]
 
+    def __post_init__(self) -> None:
+        # Built once: prepare() runs every step and would otherwise copy them to the device each time.
+        self._mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -39,9 +44,7 @@ class Runtime:
         x = images.to(self.device, non_blocking=True).float().div_(255.0)
         if jitter or drop:
             x = color_augment(x, jitter, drop)
-        mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
+        x = (x - self._mean) / self._std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
