@@ -7,8 +7,9 @@ Each as forward (`fwd`) and forward+backward (`fwdbwd`), plus the losses L_rec +
 their backward (`loss`; Triton's fused-loss kernel against the reference losses).
 
 benchmark.extra_info: ms (median), GB/s over the minimum bytes the op must move, that as a
-fraction of the session's measured copy bandwidth, and the peak memory allocated beyond the
-inputs (CUDA only; None on CPU).
+fraction of the session's measured copy bandwidth, the peak memory allocated beyond the
+inputs (CUDA only; None on CPU), and for the Triton variant the autotuners' picks (look their
+registers and spills up with `python -m san_fast.kernels.compile_report`).
 
 On a GPU: the paper shape (B=16, 128x128, P=1024, N=27, bf16) with every variant, and sweeps
 over HW and N for the Triton op and eager. On the CPU the Triton kernels run in the
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from san_fast import ops
+from san_fast.kernels import seat_common
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -51,6 +53,7 @@ else:
     ROUNDS, WARMUP = 3, 1
 
 MODES = ("fwd", "fwdbwd", "loss")
+TUNED_KINDS = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss",)}
 
 
 def _cases():
@@ -210,5 +213,6 @@ def test_seat(benchmark, copy_bandwidth, shape_name, variant, mode):
             "extra_peak_beyond_dq_vs_q": (
                 None if extra is None else (extra - (q_bytes if mode != "fwd" else 0)) / q_bytes
             ),
+            "autotuned": seat_common.chosen_configs(TUNED_KINDS[mode]) if variant == "triton" else None,
         }
     )

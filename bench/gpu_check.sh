@@ -51,6 +51,11 @@ for r in rows:
           f"{fmt(e['extra_peak_mb'], '9.1f')} {fmt(e['extra_peak_beyond_dq_vs_q'], '8.3f')} {fmt(target, '7.2f')}")
 print(f"copy bandwidth {rows[0]['extra_info']['copy_gb_per_s']:.0f} GB/s (read + write); "
       "extra/Q = peak memory beyond inputs, minus dQ for backward variants, over Q's bytes")
+print("autotuned configs at the paper shape (registers/spills: python -m san_fast.kernels.compile_report):")
+for r in rows:
+    if r["name"].split("[", 1)[-1].startswith("paper-triton"):
+        for key, cfg in (r["extra_info"].get("autotuned") or {}).items():
+            print(f"  {r['extra_info']['mode']:7s} {key}: {cfg}")
 PYEOF
 
 echo "tests exit code ${tests_rc}, benchmarks exit code ${bench_rc}; results in ${OUT}/"

@@ -61,8 +61,9 @@ def _configs(triples):
 
 # (BLOCK_M, BLOCK_P, num_warps, num_stages) per padded-N bucket. The logits tile
 # BLOCK_M x BLOCK_N stays in registers for the whole P loop, so BLOCK_M shrinks as N grows.
-# Chosen from offline compiles for sm80 (ptxas register/spill reports, shared memory that fits
-# sm70's 96 KiB in at least one config per bucket); the autotuner picks among them.
+# Chosen from offline compiles (`python -m san_fast.kernels.compile_report`: ptxas register
+# and spill reports, shared memory that fits sm70's 96 KiB in at least one config per bucket);
+# the autotuner picks among them on the GPU.
 _FORWARD_TRIPLES = {
     32: [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
     64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
@@ -73,17 +74,18 @@ _FORWARD_TRIPLES = {
 # a read-modify-written dGamma tile (BLOCK_N x BLOCK_P): BLOCK_P shrinks as N grows.
 _BACKWARD_TRIPLES = {
     32: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    64: [(64, 32, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-    128: [(32, 32, 8, 2), (16, 64, 8, 3), (32, 64, 8, 3), (32, 16, 8, 3)],
-    256: [(16, 16, 8, 3), (16, 32, 8, 2), (32, 16, 8, 3)],
+    64: [(64, 32, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 16, 8, 3)],
+    128: [(32, 32, 8, 2), (16, 64, 8, 3), (32, 64, 8, 3), (32, 16, 8, 3), (16, 16, 8, 2)],
+    256: [(16, 16, 8, 3), (16, 32, 8, 2), (32, 16, 8, 3), (16, 16, 8, 2)],
 }
 # The fused loss adds the forward's softmax and the residuals to the same kernel: more
-# pressure, so the configs that spilled least there.
+# pressure, so the configs that spilled least there. The last ones of each list (BLOCK_P = 16)
+# are the pipelined configs that spill least for sm90 bf16 under triton 3.6 (compile_report.py).
 _LOSS_TRIPLES = {
-    32: [(128, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
-    64: [(32, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3)],
-    128: [(32, 16, 8, 3), (16, 64, 8, 3), (32, 32, 8, 3)],
-    256: [(16, 16, 8, 3), (16, 32, 8, 3)],
+    32: [(128, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 16, 8, 3), (64, 16, 8, 3)],
+    64: [(32, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (32, 16, 8, 2)],
+    128: [(32, 16, 8, 3), (16, 64, 8, 3), (32, 32, 8, 3), (16, 16, 8, 2)],
+    256: [(16, 16, 8, 3), (16, 32, 8, 3), (16, 16, 8, 2)],
 }
 _TRIPLES = {"forward": _FORWARD_TRIPLES, "backward": _BACKWARD_TRIPLES, "loss": _LOSS_TRIPLES}
 _KEYS = {"forward": ["N", "P", "C", "LABELS"], "backward": ["N", "P", "C", "MODE"], "loss": ["N", "P", "C", "MODE"]}
@@ -131,9 +133,29 @@ def programs_per_image(
         return max(1, min(int(requested), most))
     if q_rows.device.type == "cuda":
         sms = torch.cuda.get_device_properties(q_rows.device).multi_processor_count
-        target = triton.cdiv(2 * sms, b)
+        # Rounded down: at the backward's register use one or two programs fit per SM, and
+        # B*G just above 2 x SMs (B=16, 132 SMs: 272 for cdiv) would add a nearly empty wave.
+        target = max(1, (2 * sms) // b)
     else:
         target = 2
     per_program = (n + 2 * c) * p * 4
     budget = int(WORKSPACE_FRACTION * q_rows.numel() * q_rows.element_size()) // (b * per_program)
     return max(1, min(target, most, budget))
+
+
+def chosen_configs(kinds: tuple[str, ...] = ("forward", "backward", "loss")) -> dict[str, str]:
+    """The configs the autotuners of `kinds` have picked so far, by N bucket and autotune key
+    (the benchmarks record them, so a timing can be matched with compile_report.py's registers
+    and spills for that config). A single-config autotuner (the interpreter's) never tunes."""
+    out = {}
+    for (_, kind, bucket, _), tuner in _AUTOTUNED.items():
+        if kind not in kinds:
+            continue
+        picks = dict(getattr(tuner, "cache", None) or {})
+        if not picks and len(tuner.configs) == 1:
+            picks = {"only config": tuner.configs[0]}
+        for key, cfg in picks.items():
+            out[f"{kind} N<={bucket} {key}"] = (
+                f"M={cfg.kwargs['BLOCK_M']},P={cfg.kwargs['BLOCK_P']},w={cfg.num_warps},s={cfg.num_stages}"
+            )
+    return out

@@ -19,10 +19,11 @@ from san_fast.kernels import seat_common as common
 @triton.jit
 def mm(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b; `PRECISION` ("ieee"/"tf32") only means something for fp32 operands."""
+    # out_dtype spelled out: triton 3.6 rejects a float64 acc under the default fp32 out_dtype.
     if a.dtype == tl.float32:
-        out = tl.dot(a, b, acc, input_precision=PRECISION)
+        out = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     else:
-        out = tl.dot(a, b, acc)
+        out = tl.dot(a, b, acc, out_dtype=acc.dtype)
     return out
 
 

@@ -296,6 +296,19 @@ def test_backward_is_deterministic_and_independent_of_grid():
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_chosen_configs_name_what_ran():
+    from san_fast.kernels import seat_common
+
+    inputs = make_inputs(CASES["n256_c3_rows"], torch.float32, seed=3)
+    q, gamma, weight, bias = inputs
+    seat_forward(q, gamma, weight.flatten(1), bias)
+    picks = seat_common.chosen_configs(("forward",))
+    forward = {k: v for k, v in picks.items() if k.startswith("forward N<=256")}
+    assert forward, picks
+    assert all(v.startswith("M=") and ",w=" in v and ",s=" in v for v in forward.values())
+    assert not seat_common.chosen_configs(("no such kind",))
+
+
 def test_launchers_write_every_element():
     """Outputs and workspaces pre-filled with NaN: any element the kernels skip stays NaN."""
     nan = float("nan")

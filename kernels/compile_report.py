@@ -1,0 +1,327 @@
+"""Compile every SEAT kernel config for a GPU architecture without a GPU, and report its cost.
+
+    python -m san_fast.kernels.compile_report                  # sm70, sm80, sm90, all dtypes
+    python -m san_fast.kernels.compile_report --arch 90 --dtype bf16 --n 27
+
+For each kernel (forward, labels, backward, fused loss in both consistency modes, dq rescale),
+q dtype, architecture and N bucket, the real launcher in san_fast.kernels is called with small
+CPU tensors and a `launch` hook that records the kernel's arguments instead of running it;
+each autotune config is then compiled by `triton.compile` for that target, and the bundled
+ptxas reports registers and spill bytes. Shared memory is checked against the architecture's
+per-block limit: a bucket with no config that fits would fail at launch on that GPU.
+
+This is what can be known about the kernels on a machine with no GPU; the speed itself is
+measured by bench/bench_seat.py on one. Exit status 1 if any config fails to compile or any
+bucket has no config that fits. Needs TRITON_INTERPRET unset (the interpreter compiles nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional
+
+import torch
+
+# Per-block shared memory limit (opt-in maximum) by compute capability.
+SHARED_LIMIT = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+KINDS = ("forward", "labels", "backward", "loss_image", "loss_rec_q", "rescale")
+DTYPES = ("fp32", "fp16", "bf16")
+# fp64 (the gradcheck path) is compiled on request only.
+TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+_SIG_DTYPE = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+}
+# One N per padded bucket (BLOCK_N = 32, 64, 128, 256); 27 is the paper's COCO-Stuff-27.
+DEFAULT_NS = (27, 64, 100, 256)
+
+
+@dataclasses.dataclass
+class Row:
+    kind: str
+    dtype: str
+    arch: int
+    n: int
+    config: str
+    ok: bool
+    registers: Optional[int] = None
+    spill_bytes: Optional[int] = None
+    shared_bytes: Optional[int] = None
+    fits: Optional[bool] = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclasses.dataclass
+class _Launch:
+    kernel: object
+    args: tuple
+    kwargs: dict
+
+
+def _recording_launch(calls: list) -> Callable:
+    def launch(kernel):
+        class _Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: calls.append(_Launch(kernel, args, kwargs))
+
+        return _Grid()
+
+    return launch
+
+
+def _launches(kind: str, dtype: torch.dtype, n: int) -> list[_Launch]:
+    """Call the real launcher for `kind` with small tensors; return what it would launch."""
+    from san_fast.kernels import seat_backward, seat_forward, seat_fused_loss
+
+    b, m, p, c = 1, 80, 48, 3
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(b, m, p, generator=gen).to(dtype)
+    # fp32 master weights, as under autocast; everything float64 on the gradcheck path.
+    master = torch.float64 if dtype == torch.float64 else torch.float32
+    gamma = torch.randn(b, n, p, generator=gen, dtype=master)
+    weight = torch.randn(c, p, generator=gen, dtype=master)
+    bias = torch.randn(c, generator=gen, dtype=master)
+    calls: list[_Launch] = []
+    launch = _recording_launch(calls)
+    if kind == "forward":
+        seat_forward.seat_forward(q, gamma, weight, bias, launch=launch)
+    elif kind == "labels":
+        seat_forward.seat_labels(q, gamma, launch=launch)
+    elif kind == "backward":
+        lse = torch.zeros(b, m, dtype=master)
+        grad = torch.randn(b, m, c, generator=gen).to(dtype)
+        seat_backward.launch_backward(
+            seat_backward.MODE_GRADS, q, gamma, weight, None, lse=lse, grad_rec_q=grad, grad_rec_t=grad, launch=launch
+        )
+    elif kind in ("loss_image", "loss_rec_q"):
+        x = torch.randn(b, m, c, generator=gen, dtype=master)
+        seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_rec_q", 1.0, 1.0, launch=launch)
+    elif kind == "rescale":
+        u = torch.randn(b, m, c, generator=gen, dtype=master)
+        seat_fused_loss.rescale_dq(q, u, weight, torch.ones(2), launch=launch)
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}; expected one of {KINDS}")
+    return calls
+
+
+def _signature(fn, args: tuple, constexprs: dict) -> dict:
+    sig = {}
+    positional = [name for name in fn.arg_names if name not in constexprs]
+    if len(positional) != len(args):
+        raise RuntimeError(f"{fn.__name__}: {len(args)} positional arguments for {len(positional)} parameters")
+    values = dict(zip(positional, args, strict=True))
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + _SIG_DTYPE[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    return sig
+
+
+def _ptxas_report(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    # The ptxas triton itself uses for this arch: the bundled ones accept different PTX versions.
+    ptxas = get_ptxas(arch).path
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run(
+            [ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return (int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else None)
+
+
+def _configs(kernel):
+    """(JITFunction, [(config kwargs, num_warps, num_stages)]) for an autotuner or a plain kernel."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        return kernel.fn, [(dict(cfg.kwargs), cfg.num_warps, cfg.num_stages) for cfg in kernel.configs]
+    return kernel, [({}, None, None)]
+
+
+def compile_kind(
+    kind: str,
+    dtype: str,
+    arch: int,
+    n: int,
+    tf32: bool = False,
+    first_only: bool = False,
+    candidates: Optional[list[tuple[int, int, int, int]]] = None,
+) -> list[Row]:
+    """Compile `kind`'s autotune configs (or the `candidates` (BLOCK_M, BLOCK_P, warps, stages)
+    instead, to try new ones) for one dtype, arch and N."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    rows = []
+    for call in _launches(kind, TORCH_DTYPE[dtype], n):
+        fn, configs = _configs(call.kernel)
+        if candidates and configs[0][0]:
+            configs = [({"BLOCK_M": m, "BLOCK_P": p}, w, s) for m, p, w, s in candidates]
+        kwargs = dict(call.kwargs)
+        launch_warps = kwargs.pop("num_warps", 4)
+        launch_stages = kwargs.pop("num_stages", 3)
+        if "PRECISION" in kwargs:
+            kwargs["PRECISION"] = "tf32" if (dtype == "fp32" and tf32 and arch >= 80) else "ieee"
+        for cfg_kwargs, warps, stages in configs[:1] if first_only else configs:
+            warps = warps or launch_warps
+            stages = stages or launch_stages
+            constexprs = {**kwargs, **cfg_kwargs}
+            label = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg_kwargs.items())
+            label = f"{label + ',' if label else ''}w={warps},s={stages}"
+            row = Row(kind, dtype, arch, n, label, ok=False)
+            start = time.perf_counter()
+            try:
+                src = ASTSource(fn=fn, signature=_signature(fn, call.args, constexprs), constexprs=constexprs)
+                compiled = triton.compile(
+                    src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+                )
+                row.registers, row.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
+                row.shared_bytes = int(compiled.metadata.shared)
+                row.fits = row.shared_bytes <= SHARED_LIMIT.get(arch, 48 * 1024)
+                row.ok = True
+            except Exception as exc:  # a config that does not compile is a finding, not a crash
+                row.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            row.seconds = time.perf_counter() - start
+            rows.append(row)
+    return rows
+
+
+def summarise(rows: list[Row]) -> tuple[list[str], bool]:
+    """One line per (kind, dtype, arch, N): how many configs compile, fit, and run without spills."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row.kind, row.dtype, row.arch, row.n), []).append(row)
+    lines, good = [], True
+    for (kind, dtype, arch, n), group in groups.items():
+        compiled = [r for r in group if r.ok]
+        fitting = [r for r in compiled if r.fits]
+        clean = [r for r in fitting if r.spill_bytes == 0]
+        verdict = "ok" if len(compiled) == len(group) and fitting else "FAIL"
+        good = good and verdict == "ok"
+        least = min(fitting, key=lambda r: (r.spill_bytes or 0, r.registers or 0), default=None)
+        best = f"least spill {least.config} ({least.registers} regs, {least.spill_bytes} B)" if least else "-"
+        lines.append(
+            f"{kind:11s} {dtype:5s} sm{arch} N={n:<4d} compiled {len(compiled)}/{len(group)}, "
+            f"fit shared {len(fitting)}, spill-free {len(clean)}  {verdict}  {best}"
+        )
+    return lines, good
+
+
+def _format_row(row: Row) -> str:
+    head = f"{row.kind:11s} {row.dtype:5s} sm{row.arch} N={row.n:<4d} {row.config:30s}"
+    if not row.ok:
+        return f"{head} FAILED {row.error}"
+    over = "" if row.fits else " OVER LIMIT"
+    return (
+        f"{head} regs {row.registers!s:>4s} spill {row.spill_bytes!s:>5s} B "
+        f"shared {row.shared_bytes / 1024:6.1f} KiB{over}  ({row.seconds:.1f} s)"
+    )
+
+
+def _candidate(text: str) -> tuple[int, int, int, int]:
+    try:
+        block_m, block_p, warps, stages = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCK_M,BLOCK_P,WARPS,STAGES, e.g. 64,32,8,3") from None
+    return block_m, block_p, warps, stages
+
+
+def _valid(dtype: str, arch: int) -> bool:
+    return not (dtype in ("bf16", "fp64") and arch < 80)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m san_fast.kernels.compile_report",
+        description="Compile the SEAT kernels' autotune configs offline for GPU architectures and "
+        "report registers, spills and shared memory (no GPU needed).",
+    )
+    add = parser.add_argument
+    add("--arch", type=int, nargs="+", default=[70, 80, 90], help="compute capabilities, e.g. 80 90")
+    add("--dtype", nargs="+", default=list(DTYPES), choices=list(TORCH_DTYPE),
+        help="q dtypes (bf16 skipped below sm80; fp64, the gradcheck path, only when named)")
+    add("--kind", nargs="+", default=list(KINDS), choices=KINDS, help="kernels to compile")
+    add("--n", type=int, nargs="+", default=list(DEFAULT_NS), help="numbers of semantics N (one per bucket)")
+    add("--tf32", action="store_true", help="fp32 dots as TF32 on sm80+ (default IEEE, as torch's default)")
+    add(
+        "--try", dest="candidates", nargs="+", metavar="M,P,W,S", type=_candidate,
+        help="compile these (BLOCK_M, BLOCK_P, num_warps, num_stages) instead of the autotune lists",
+    )
+    add("--first-config-only", action="store_true", help="one config per kernel and bucket (quick check)")
+    add("--json", help="also write every row to this JSON file")
+    add("--quiet", action="store_true", help="print the summary only")
+    args = parser.parse_args(argv)
+
+    # Triton 3.9 warns once per process unless the (unchanged) default is spelled out.
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: the interpreter compiles nothing; run without it")
+    for arch in args.arch:
+        if arch < 70:
+            parser.error(f"--arch {arch}: the kernels need sm70 or newer (tl.dot)")
+    for n in args.n:
+        if not 2 <= n <= 256:
+            parser.error(f"--n {n}: N must be in [2, 256]")
+
+    import triton
+
+    print(f"triton {triton.__version__}, torch {torch.__version__}: compiling offline (no GPU used)", flush=True)
+    rows: list[Row] = []
+    for arch in args.arch:
+        for dtype in args.dtype:
+            if not _valid(dtype, arch):
+                continue
+            for kind in args.kind:
+                for n in args.n if kind != "rescale" else args.n[:1]:
+                    found = compile_kind(
+                        kind, dtype, arch, n, tf32=args.tf32, first_only=args.first_config_only,
+                        candidates=args.candidates,
+                    )
+                    for row in found:
+                        if not args.quiet:
+                            print(_format_row(row), flush=True)
+                    rows.extend(found)
+    lines, good = summarise(rows)
+    print("\nsummary (one line per kernel, dtype, architecture and N bucket):")
+    print("\n".join(lines))
+    if args.json:
+        from san_fast.io_utils import atomic_write_json
+
+        atomic_write_json(args.json, {"triton": triton.__version__, "rows": [dataclasses.asdict(r) for r in rows]})
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
