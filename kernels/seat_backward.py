@@ -181,10 +181,6 @@ def seat_backward_kernel(
             )
 
 
-def _identity(kernel):
-    return kernel
-
-
 def launch_backward(
     mode: int,
     q: torch.Tensor,
@@ -198,7 +194,7 @@ def launch_backward(
     x: Optional[torch.Tensor] = None,
     h_rec: float = 1.0,
     h_con: float = 1.0,
-    launch: Callable = _identity,
+    launch: Callable = common.identity_launch,
     programs: Optional[int] = None,
     dq: Optional[torch.Tensor] = None,
     workspace_fill: Optional[float] = None,

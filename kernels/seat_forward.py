@@ -118,16 +118,12 @@ def values_matrix(gamma: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype)
         return torch.matmul(gamma.to(dtype), weight.to(dtype).t()).contiguous()
 
 
-def _identity(kernel):
-    return kernel
-
-
 def seat_forward(
     q: torch.Tensor,
     gamma: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
-    launch: Callable = _identity,
+    launch: Callable = common.identity_launch,
     out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B,M,P) any strides, gamma (B,N,P), weight (C,P), bias (C,) or None.
@@ -166,7 +162,7 @@ def seat_forward(
 
 
 def seat_labels(
-    q: torch.Tensor, gamma: torch.Tensor, launch: Callable = _identity, out: Optional[torch.Tensor] = None
+    q: torch.Tensor, gamma: torch.Tensor, launch: Callable = common.identity_launch, out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Argmax over N of the SEAT logits, (B,M) int64; the softmax is never formed."""
     bsz, m, p = q.shape

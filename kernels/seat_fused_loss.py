@@ -68,10 +68,6 @@ def rescale_dq_kernel(
         )
 
 
-def _identity(kernel):
-    return kernel
-
-
 def seat_fused_loss(
     q: torch.Tensor,
     gamma: torch.Tensor,
@@ -81,7 +77,7 @@ def seat_fused_loss(
     target_rec_q: bool,
     h_rec: float,
     h_con: float,
-    launch: Callable = _identity,
+    launch: Callable = common.identity_launch,
     programs: Optional[int] = None,
     dq: Optional[torch.Tensor] = None,
     workspace_fill: Optional[float] = None,
@@ -102,7 +98,7 @@ def rescale_dq(
     u: torch.Tensor,
     weight: torch.Tensor,
     coef: torch.Tensor,
-    launch: Callable = _identity,
+    launch: Callable = common.identity_launch,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """out = coef[0] * dq_pre + coef[1] * (u @ W), written to a new tensor shaped like dq_pre.

@@ -83,6 +83,11 @@ def _loss_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _losses(rec_q, rec_t, x_rows, target_rec_q: bool, dtype: torch.dtype):
+    rq, rt, xs = rec_q.to(dtype), rec_t.to(dtype), x_rows.to(dtype)
+    return (rq - xs).pow(2).mean(), (rt - (rq if target_rec_q else xs)).pow(2).mean()
+
+
 def seat_reconstruct_loss_reference(
     q: torch.Tensor,
     gamma: torch.Tensor,
@@ -93,10 +98,7 @@ def seat_reconstruct_loss_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_rec = mean((rec_q - x)^2), L_con = mean((rec_t - target)^2), target x or rec_q."""
     rec_q, rec_t = seat_reconstruct_reference(q, gamma, weight, bias)
-    dtype = _loss_dtype(q)
-    rq, rt, xs = rec_q.to(dtype), rec_t.to(dtype), _image_rows(x).to(dtype)
-    target = xs if consistency_target == "image" else rq
-    return (rq - xs).pow(2).mean(), (rt - target).pow(2).mean()
+    return _losses(rec_q, rec_t, _image_rows(x), consistency_target != "image", _loss_dtype(q))
 
 
 def seat_labels_reference(q: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -280,11 +282,6 @@ def seat_labels(q: torch.Tensor, gamma: torch.Tensor, impl: str = "auto") -> tor
     if not _use_triton(impl, q):
         return seat_labels_reference(rows, gamma3)
     return torch.ops.san_fast.seat_labels(rows, gamma3)
-
-
-def _losses(rec_q, rec_t, x_rows, target_rec_q: bool, dtype: torch.dtype):
-    rq, rt, xs = rec_q.to(dtype), rec_t.to(dtype), x_rows.to(dtype)
-    return (rq - xs).pow(2).mean(), (rt - (rq if target_rec_q else xs)).pow(2).mean()
 
 
 # --------------------------------------------------------------------------- custom ops + autograd
