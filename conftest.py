@@ -6,6 +6,8 @@ is set here, at collection time, before any san_fast.kernels module is imported.
 
 import os
 
+import pytest
+
 
 def _has_cuda() -> bool:
     try:
@@ -17,3 +19,12 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng():
+    """Same random draws in every test whatever ran before it, so a tolerance that holds once holds in CI."""
+    import torch
+
+    torch.manual_seed(0)
+    yield

@@ -284,16 +284,18 @@ def test_backward_is_deterministic_and_independent_of_grid():
     q, gamma, weight, _ = inputs
     w2 = weight.flatten(1)
     _, _, lse = seat_forward(q, gamma, w2, None)
-    g = torch.randn(2, 150, 1, device=DEVICE)
+    g = torch.randn(2, 150, 1, generator=torch.Generator().manual_seed(18)).to(DEVICE)
     runs = [
         launch_backward(MODE_GRADS, q, gamma, w2, None, lse=lse, grad_rec_q=g, grad_rec_t=g, programs=k)
         for k in (1, 2, 2, 3)
     ]
     for a, b in zip(runs[1][:5], runs[2][:5]):
         assert torch.equal(a, b)
+    # Other grids sum the per-program partials in another order, so they agree
+    # only to fp32 rounding; a wrong split would be off by whole partials.
     for run in (runs[0], runs[3]):
         for a, b in zip(run[:5], runs[1][:5]):
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+            assert rel_err(a, b) < 1e-5
 
 
 def test_chosen_configs_name_what_ran():
