@@ -22,6 +22,13 @@ ATTN_BACKENDS = ("auto", "xformers", "sdpa", "math")
 SEAT_IMPLS = ("auto", "triton", "torch")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 EVAL_PROTOCOLS = ("picie", "iic")
+TRAIN_CROPS = ("paper", "resized")
+POTSDAM_BANDS = ("rgbir", "rgb")
+EVAL_SPLITS = ("auto", "val", "train+val", "iid", "iid+")
+OVERCLUSTER = ("hungarian-majority", "majority", "strict")
+GENERATORS = ("vit", "resnet18", "unet")
+VIT_NORMS = ("pre", "post")
+LOGGERS = ("auto", "tensorboard", "none")
 
 
 @dataclass
@@ -33,6 +40,12 @@ class Config:
     eval_protocol: str = "picie"  # picie: short side 320 + centre crop 320; iic: see san_fast.data
     data_cache: Optional[str] = None  # `prepare --out` folder; default <data_root>/san_fast_cache
     train_crop_scale: tuple[float, float] = (0.5, 1.0)  # area range of the random resized crop
+    # paper: random crop_size crops at the evaluation scale; resized: random resized crop
+    train_crop: str = "paper"
+    potsdam_bands: str = "rgbir"  # Potsdam input: RGB + IR (the paper, IIC) or RGB only
+    # which images are scored and where the matching is fitted; auto = the dataset's default
+    eval_split: str = "auto"
+    overcluster: str = "hungarian-majority"  # how clusters beyond the class count are scored
     num_workers: int = 2
     color_jitter: float = 0.0  # per-image brightness/contrast/saturation/hue strength (training)
     color_drop: float = 0.0  # probability of turning a training image gray
@@ -45,6 +58,8 @@ class Config:
     embed_dim: int = 1024  # P: length of pixel-wise and semantic embeddings
     num_semantics: Optional[int] = None  # N; None = the dataset's class count
     encoder: str = "conv3x3"
+    generator: str = "vit"  # backbone of the semantic-wise generator (Table 4, "Dec.")
+    vit_norm: str = "pre"  # pre-norm or post-norm (Vaswani et al.) transformer blocks
     vit_depth: int = 6
     vit_dim: Optional[int] = None  # None = P: the paper's blocks output (K, P) tokens
     vit_heads: Optional[int] = None  # None = vit_dim // 64
@@ -75,6 +90,10 @@ class Config:
     compile: bool = False
     channels_last: Optional[bool] = None  # None = on for CUDA
     out: str = "runs/latest"
+    overwrite: bool = False  # reuse an --out folder that already holds a run
+    save_every: Optional[int] = None  # also checkpoint every this many steps (mid-epoch)
+    log_every: int = 50  # steps between reads of the loss terms to the host
+    logger: str = "auto"  # auto: tensorboard when installed, else none
     resume: Optional[str] = None  # checkpoint.pt of an earlier run: continue after its last epoch
     num_vis: int = 6
     baseline: bool = True  # also fit and report the k-means-on-pixels baseline
@@ -103,6 +122,13 @@ class Config:
             "amp": AMP_MODES,
             "eval_protocol": EVAL_PROTOCOLS,
             "consistency_target": ("image", "rec_q"),
+            "train_crop": TRAIN_CROPS,
+            "potsdam_bands": POTSDAM_BANDS,
+            "eval_split": EVAL_SPLITS,
+            "overcluster": OVERCLUSTER,
+            "generator": GENERATORS,
+            "vit_norm": VIT_NORMS,
+            "logger": LOGGERS,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)
@@ -178,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-protocol", choices=EVAL_PROTOCOLS, default=None,
                    help="picie: short side 320 + centre crop 320 (PiCIE/STEGO); iic: IIC's crops")
     p.add_argument("--crop-size", type=int, default=None)
+    p.add_argument("--train-crop", choices=TRAIN_CROPS, default=None,
+                   help="paper: random crops at the evaluation scale (the paper's 128x128 crops); "
+                        "resized: random resized crop (area --train-crop-scale) plus flip")
+    p.add_argument("--potsdam-bands", choices=POTSDAM_BANDS, default=None,
+                   help="Potsdam input: rgbir (4 channels, the paper and IIC) or rgb")
+    p.add_argument("--eval-split", choices=EVAL_SPLITS, default=None,
+                   help="images scored and where the Hungarian matching is fitted (see README, Evaluation)")
+    p.add_argument("--overcluster", choices=OVERCLUSTER, default=None,
+                   help="scoring of clusters beyond the class count (see README, Evaluation)")
     p.add_argument("--num-workers", type=int, default=None)
     p.add_argument("--color-jitter", type=float, default=None,
                    help="training colour jitter strength, applied to whole batches on the device")
@@ -190,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-semantics", type=int, default=None,
                    help="N semantic embeddings (default: the dataset's class count)")
     p.add_argument("--encoder", choices=ENCODERS, default=None, help="pixel-wise encoder (Table 4)")
+    p.add_argument("--generator", choices=GENERATORS, default=None,
+                   help="backbone of the semantic-wise generator (Table 4, 'Dec.')")
+    p.add_argument("--vit-norm", choices=VIT_NORMS, default=None, help="pre- or post-norm ViT blocks")
     p.add_argument("--vit-depth", type=int, default=None, help="ViT blocks (Table 4: 4 or 6)")
     p.add_argument("--vit-dim", type=int, default=None)
     p.add_argument("--vit-heads", type=int, default=None)
@@ -219,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(p, "no-baseline", "no_baseline", "skip the k-means-on-pixels baseline")
     p.add_argument("--out", default=None, help="run folder for config, metrics, checkpoint, pictures")
     p.add_argument("--resume", default=None, help="continue training from a checkpoint.pt")
+    _bool_flag(p, "overwrite", "overwrite", "start afresh in an --out folder that already holds a run")
+    p.add_argument("--save-every", type=int, default=None, help="also checkpoint every this many steps")
+    p.add_argument("--log-every", type=int, default=None, help="steps between loss reads to the host")
+    p.add_argument("--logger", choices=LOGGERS, default=None,
+                   help="auto: TensorBoard when the package is installed, else none")
     return p
 
 
