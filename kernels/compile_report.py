@@ -18,7 +18,10 @@ bucket has no config that fits. Needs TRITON_INTERPRET unset (the interpreter co
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -35,14 +38,6 @@ KINDS = ("forward", "labels", "backward", "loss_image", "loss_rec_q", "rescale")
 DTYPES = ("fp32", "fp16", "bf16")
 # fp64 (the gradcheck path) is compiled on request only.
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-_SIG_DTYPE = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.float64: "fp64",
-    torch.int64: "i64",
-    torch.int32: "i32",
-}
 # One N per padded bucket (BLOCK_N = 32, 64, 128, 256); 27 is the paper's COCO-Stuff-27.
 DEFAULT_NS = (27, 64, 100, 256)
 
@@ -50,6 +45,7 @@ DEFAULT_NS = (27, 64, 100, 256)
 @dataclasses.dataclass
 class Row:
     kind: str
+    kernel: str
     dtype: str
     arch: int
     n: int
@@ -96,48 +92,41 @@ def _launches(kind: str, dtype: torch.dtype, n: int) -> list[_Launch]:
     calls: list[_Launch] = []
     launch = _recording_launch(calls)
     if kind == "forward":
-        seat_forward.seat_forward(q, gamma, weight, bias, launch=launch)
+        seat_forward.seat_forward(q, gamma, weight, bias, save_attn=True, launch=launch)
     elif kind == "labels":
         seat_forward.seat_labels(q, gamma, launch=launch)
     elif kind == "backward":
-        lse = torch.zeros(b, m, dtype=master)
+        attn = torch.zeros(b, m, n, dtype=dtype)
         grad = torch.randn(b, m, c, generator=gen).to(dtype)
-        seat_backward.launch_backward(
-            seat_backward.MODE_GRADS, q, gamma, weight, None, lse=lse, grad_rec_q=grad, grad_rec_t=grad, launch=launch
+        seat_backward.launch_grad(
+            seat_backward.MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad, grad_rec_t=grad,
+            launch=launch,
         )
     elif kind in ("loss_image", "loss_rec_q"):
         x = torch.randn(b, m, c, generator=gen, dtype=master)
         seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_rec_q", 1.0, 1.0, launch=launch)
     elif kind == "rescale":
         u = torch.randn(b, m, c, generator=gen, dtype=master)
-        seat_fused_loss.rescale_dq(q, u, weight, torch.ones(2), launch=launch)
+        coef = torch.ones(2, dtype=master)
+        seat_fused_loss.rescale_dq_(q, u, weight, coef, launch=launch)
     else:
         raise ValueError(f"unknown kernel kind {kind!r}; expected one of {KINDS}")
     return calls
 
 
-def _signature(fn, args: tuple, constexprs: dict) -> dict:
-    sig = {}
-    positional = [name for name in fn.arg_names if name not in constexprs]
-    if len(positional) != len(args):
-        raise RuntimeError(f"{fn.__name__}: {len(args)} positional arguments for {len(positional)} parameters")
-    values = dict(zip(positional, args, strict=True))
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-            continue
-        value = values[name]
-        if isinstance(value, torch.Tensor):
-            sig[name] = "*" + _SIG_DTYPE[value.dtype]
-        elif isinstance(value, bool):
-            sig[name] = "i1"
-        elif isinstance(value, int):
-            sig[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-        elif isinstance(value, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
-    return sig
+def _jit_source(fn, args: tuple, constexprs: dict, target, warps: int, stages: int):
+    """The ASTSource and options the JIT itself would build for this call on `target`: the same
+    argument specialization (integers equal to 1 become constants, pointers and integers get
+    their 16-divisibility attributes), which decides vectorization and so the registers."""
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **constexprs, num_warps=warps, num_stages=stages)
+    options, signature, consts, attrs = fn._pack_args(backend, {**constexprs, "num_warps": warps,
+                                                               "num_stages": stages}, bound, specialization, options)
+    return ASTSource(fn, signature, consts, attrs), options
 
 
 def _ptxas_report(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
@@ -176,21 +165,25 @@ def compile_kind(
     n: int,
     tf32: bool = False,
     first_only: bool = False,
-    candidates: Optional[list[tuple[int, int, int, int]]] = None,
+    candidates: Optional[list[dict]] = None,
 ) -> list[Row]:
-    """Compile `kind`'s autotune configs (or the `candidates` (BLOCK_M, BLOCK_P, warps, stages)
-    instead, to try new ones) for one dtype, arch and N."""
+    """Compile `kind`'s autotune configs (or the `candidates` instead, to try new ones: dicts of
+    constexprs, e.g. BLOCK_M, BLOCK_P2, BLOCK_PD, with num_warps and num_stages) for one dtype,
+    arch and N. Candidates apply to the autotuned kernel of the kind, not to its helpers."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     rows = []
     for call in _launches(kind, TORCH_DTYPE[dtype], n):
         fn, configs = _configs(call.kernel)
         autotuned = bool(configs[0][0])  # the rescale kernel has no BLOCK_* to try
-        if candidates and autotuned:
-            configs = [({"BLOCK_M": m, "BLOCK_P": p}, w, s) for m, p, w, s in candidates]
         kwargs = dict(call.kwargs)
+        if candidates and autotuned:
+            # A candidate may also replace tiles the launcher passes itself (the gradient
+            # kernel's BLOCK_M and BLOCK_P2, from its plan): config values override kwargs.
+            tuned = configs[0][0]
+            configs = [({**tuned, **{k: v for k, v in cand.items() if k.startswith("BLOCK_")}},
+                        cand["num_warps"], cand["num_stages"]) for cand in candidates]
         launch_warps = kwargs.pop("num_warps", 4)
         launch_stages = kwargs.pop("num_stages", 3)
         if "PRECISION" in kwargs:
@@ -199,15 +192,15 @@ def compile_kind(
             warps = warps or launch_warps
             stages = stages or launch_stages
             constexprs = {**kwargs, **cfg_kwargs}
-            label = ",".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg_kwargs.items())
+            tiles = [k for k in ("BLOCK_M", "BLOCK_P", "BLOCK_P2", "BLOCK_PD") if k in constexprs and autotuned]
+            label = ",".join(f"{k[6:]}={constexprs[k]}" for k in tiles)
             label = f"{label + ',' if label else ''}w={warps},s={stages}"
-            row = Row(kind, dtype, arch, n, label, ok=False)
+            row = Row(kind, fn.__name__, dtype, arch, n, label, ok=False)
             start = time.perf_counter()
             try:
-                src = ASTSource(fn=fn, signature=_signature(fn, call.args, constexprs), constexprs=constexprs)
-                compiled = triton.compile(
-                    src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
-                )
+                target = GPUTarget("cuda", arch, 32)
+                src, options = _jit_source(fn, call.args, constexprs, target, warps, stages)
+                compiled = triton.compile(src, target=target, options=options.__dict__)
                 row.registers, row.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
                 row.shared_bytes = int(compiled.metadata.shared)
                 row.fits = row.shared_bytes <= SHARED_LIMIT.get(arch, 48 * 1024)
@@ -223,9 +216,9 @@ def summarise(rows: list[Row]) -> tuple[list[str], bool]:
     """One line per (kind, dtype, arch, N): how many configs compile, fit, and run without spills."""
     groups: dict = {}
     for row in rows:
-        groups.setdefault((row.kind, row.dtype, row.arch, row.n), []).append(row)
+        groups.setdefault((row.kind, row.kernel, row.dtype, row.arch, row.n), []).append(row)
     lines, good = [], True
-    for (kind, dtype, arch, n), group in groups.items():
+    for (kind, kernel, dtype, arch, n), group in groups.items():
         compiled = [r for r in group if r.ok]
         fitting = [r for r in compiled if r.fits]
         clean = [r for r in fitting if r.spill_bytes == 0]
@@ -234,14 +227,14 @@ def summarise(rows: list[Row]) -> tuple[list[str], bool]:
         least = min(fitting, key=lambda r: (r.spill_bytes or 0, r.registers or 0), default=None)
         best = f"least spill {least.config} ({least.registers} regs, {least.spill_bytes} B)" if least else "-"
         lines.append(
-            f"{kind:11s} {dtype:5s} sm{arch} N={n:<4d} compiled {len(compiled)}/{len(group)}, "
+            f"{kind:11s} {kernel:22s} {dtype:5s} sm{arch} N={n:<4d} compiled {len(compiled)}/{len(group)}, "
             f"fit shared {len(fitting)}, spill-free {len(clean)}  {verdict}  {best}"
         )
     return lines, good
 
 
 def _format_row(row: Row) -> str:
-    head = f"{row.kind:11s} {row.dtype:5s} sm{row.arch} N={row.n:<4d} {row.config:30s}"
+    head = f"{row.kind:11s} {row.kernel:22s} {row.dtype:5s} sm{row.arch} N={row.n:<4d} {row.config:34s}"
     if not row.ok:
         return f"{head} FAILED {row.error}"
     over = "" if row.fits else " OVER LIMIT"
@@ -251,12 +244,26 @@ def _format_row(row: Row) -> str:
     )
 
 
-def _candidate(text: str) -> tuple[int, int, int, int]:
+_SHORT = {"w": "num_warps", "s": "num_stages"}
+
+
+def _candidate(text: str) -> dict:
+    """'M=64,P2=256,PD=64,w=8,s=2' -> {BLOCK_M: 64, BLOCK_P2: 256, BLOCK_PD: 64, num_warps: 8, num_stages: 2}."""
+    out = {}
     try:
-        block_m, block_p, warps, stages = (int(v) for v in text.split(","))
+        for part in text.split(","):
+            key, value = part.split("=")
+            out[_SHORT.get(key, f"BLOCK_{key}")] = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCK_M,BLOCK_P,WARPS,STAGES, e.g. 64,32,8,3") from None
-    return block_m, block_p, warps, stages
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE pairs, e.g. M=64,P2=256,PD=64,w=8,s=2") from None
+    if "num_warps" not in out or "num_stages" not in out:
+        raise argparse.ArgumentTypeError(f"{text!r}: give the warps and stages too (w=8,s=2)")
+    return out
+
+
+def _compile_job(job: tuple, **options) -> list[Row]:
+    kind, dtype, arch, n = job
+    return compile_kind(kind, dtype, arch, n, **options)
 
 
 def _valid(dtype: str, arch: int) -> bool:
@@ -277,10 +284,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     add("--n", type=int, nargs="+", default=list(DEFAULT_NS), help="numbers of semantics N (one per bucket)")
     add("--tf32", action="store_true", help="fp32 dots as TF32 on sm80+ (default IEEE, as torch's default)")
     add(
-        "--try", dest="candidates", nargs="+", metavar="M,P,W,S", type=_candidate,
-        help="compile these (BLOCK_M, BLOCK_P, num_warps, num_stages) instead of the autotune lists",
+        "--try", dest="candidates", nargs="+", metavar="K=V,...", type=_candidate,
+        help="compile these configs instead of the autotune lists, e.g. M=64,P2=256,PD=64,w=8,s=2 "
+        "(M, P, P2, PD: BLOCK_M, BLOCK_P, BLOCK_P2, BLOCK_PD; w: warps; s: stages)",
     )
     add("--first-config-only", action="store_true", help="one config per kernel and bucket (quick check)")
+    add("--jobs", type=int, default=1, help="compile in this many processes")
     add("--json", help="also write every row to this JSON file")
     add("--quiet", action="store_true", help="print the summary only")
     args = parser.parse_args(argv)
@@ -299,21 +308,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     import triton
 
     print(f"triton {triton.__version__}, torch {torch.__version__}: compiling offline (no GPU used)", flush=True)
+    jobs = [(kind, dtype, arch, n) for arch in args.arch for dtype in args.dtype if _valid(dtype, arch)
+            for kind in args.kind for n in (args.n if kind != "rescale" else args.n[:1])]
+    work = functools.partial(_compile_job, tf32=args.tf32, first_only=args.first_config_only,
+                             candidates=args.candidates)
     rows: list[Row] = []
-    for arch in args.arch:
-        for dtype in args.dtype:
-            if not _valid(dtype, arch):
-                continue
-            for kind in args.kind:
-                for n in args.n if kind != "rescale" else args.n[:1]:
-                    found = compile_kind(
-                        kind, dtype, arch, n, tf32=args.tf32, first_only=args.first_config_only,
-                        candidates=args.candidates,
-                    )
-                    for row in found:
-                        if not args.quiet:
-                            print(_format_row(row), flush=True)
-                    rows.extend(found)
+    # Compiles are single-threaded: separate processes use the other cores (CI has two).
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) if args.jobs > 1 else contextlib.nullcontext() as pool:
+        for found in (pool.map(work, jobs) if pool else map(work, jobs)):
+            for row in found:
+                if not args.quiet:
+                    print(_format_row(row), flush=True)
+            rows.extend(found)
     lines, good = summarise(rows)
     print("\nsummary (one line per kernel, dtype, architecture and N bucket):")
     print("\n".join(lines))

@@ -1,18 +1,21 @@
-"""SEAT backward (and the fused-loss pass, which shares it): dq, dGamma, dW partial sums.
+"""SEAT gradients: dq, dGamma, dW (and the fused loss's forward), in one persistent kernel.
 
-Persistent grid (G, B): program g of image b walks row blocks g, g+G, g+2G, ... For each
-block it makes two passes over P:
+Grid (K, T) as planned in seat_plan.py: CTA (j, c) owns P range j and the run c of row blocks
+(b, rb). Per row block:
 
-1. recompute the logits from Q (softmax from the saved logsumexp, or the full forward with the
-   losses in the fused mode) and form per row da = V gt, dl = a * (da - <a, da>);
-2. re-read the Q tile (the block was just read, so mostly from L2) to write
-   dq = tau dl Gamma + gq W and to accumulate tau dl^T q (dGamma) and gq^T q (dW).
+1. the per-row softmax gradient: MODE_GRADS reads the attention the forward saved (B,M,N) and
+   the gradients of rec_q, rec_t; the fused-loss modes compute the forward instead (a pass over
+   the whole Q row block: logits, softmax, rec_q, rec_t, the residuals of the two losses, which
+   are the gradients). Then da = V gt, dl = tau a (da - <a, da>).
+2. range j only: load the Q tile (BLOCK_M x range) once; dGamma += dl^T q, dW += gu^T q into
+   register accumulators held across the whole run; dq = dl Gamma + gq W written in BLOCK_PD-wide
+   sub-tiles.
 
-Partial sums go to fp32 workspaces indexed by (b, g): no atomics, a fixed summation order,
-so results are deterministic. A program writes its slice on its first row block and adds to
-it afterwards (read-modify-write by that program alone). The host sums over g, and adds the
-parts that go through V = Gamma W^T: dGamma += S W, dW += sum_b S_b^T Gamma_b with
-S_b = sum_i a_i^T gt_i (N x C, a partial sum like the others).
+At the last row block of an image (or of its run) a CTA writes its accumulators to workspace
+slot c + b and zeroes them. No program reads what another program (or another warp of its
+own) writes in the same launch: partial sums meet only in reduce_slots_kernel, a later launch,
+so no barrier is needed. The host adds what flows through V = Gamma W^T:
+dGamma += S W, dW += sum_b S_b^T Gamma_b with S_b = sum_i a_i^T gt_i (an (N, C) partial sum).
 """
 
 from __future__ import annotations
@@ -23,243 +26,332 @@ import torch
 import triton
 import triton.language as tl
 from san_fast.kernels import seat_common as common
-from san_fast.kernels.seat_forward import logits_and_rec_q, mm, values_matrix
-
-MODE_GRADS = 0  # gradients of rec_q / rec_t given (plain backward)
-MODE_LOSS_IMAGE = 1  # fused loss, L_con = mean((rec_t - x)^2)
-MODE_LOSS_REC_Q = 2  # fused loss, L_con = mean((rec_t - rec_q)^2), rec_q not detached
+from san_fast.kernels import seat_plan
+from san_fast.kernels.seat_forward import logits_and_rec_q, mm, tile_offsets, values_matrix
+from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
 
 @triton.jit
-def accumulate_partial(ptrs, mask, value, rb, first_rb):
-    """Program-private partial sum: store on the program's first row block, add afterwards."""
-    # The flag is broadcast to the tile explicitly: the interpreter rejects a scalar-and-tile mask.
-    not_first = (tl.zeros(value.shape, tl.int32) + rb) != first_rb
-    previous = tl.load(ptrs, mask=mask & not_first, other=0.0)
-    tl.store(ptrs, previous + value, mask=mask)
-
-
-@triton.jit
-def seat_backward_kernel(
-    q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr, lse_ptr,
-    grq_ptr, grt_ptr, x_ptr,
-    dq_ptr, rq_ptr, rt_ptr,
-    ws_gamma_ptr, ws_w_ptr, ws_wu_ptr, ws_s_ptr,
-    M, N, P, C, G, tau, grad_scale, h_rec, h_con,
-    stride_qb, stride_qm, stride_qp,
-    stride_gb, stride_gn, stride_gp,
-    stride_wc, stride_wp,
-    stride_grq_b, stride_grq_m, stride_grq_c,
-    stride_grt_b, stride_grt_m, stride_grt_c,
-    stride_xb, stride_xm, stride_xc,
-    stride_dqb, stride_dqm, stride_dqp,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+def fused_loss_rows(
+    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan, chan_ok,
+    low, store_rec, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp, stride_xm, stride_xc,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_g = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    slot = b * G + pid_g
+    """The forward of one row block and the gradients of the two MSE losses at rec_q, rec_t
+    (without the 2/K of the means: O(1) residuals survive the cast to fp16/bf16 for tl.dot, and
+    the launcher's grad_scale = 2/K multiplies the fp32 results instead).
+
+    Returns the attention, gt (columns [0, C)) and gu: gq in columns [0, HALF), u = rec_q - x
+    in [HALF, BLOCK_C), so that one tl.dot gives both dW partial sums."""
+    # Default eviction: the K CTAs of this run read the same rows now, and this CTA reads its
+    # range again in step 2 (traffic.py's L2 rule).
+    logits, rec_q = logits_and_rec_q(
+        q_img, rows, gamma_ptr, b * N + ns, w_ptr, rows_ok, n_ok, chan, chan_ok, P, tau, stride_qm, stride_qp,
+        True, "", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+    )
+    row_max = tl.max(logits, axis=1)
+    e = tl.exp(logits - row_max[:, None])
+    attn = e / tl.sum(e, axis=1)[:, None]
+    v = tl.load(v_blk + ns[:, None] * C + chan[None, :], mask=n_ok[:, None] & chan_ok[None, :], other=0.0)
+    rec_t = mm(attn, v, tl.zeros((BLOCK_M, BLOCK_C), ACC), "ieee")
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=chan_ok, other=0.0).to(ACC)
+        rec_q += bias[None, :]
+        rec_t += bias[None, :]
+    both_ok = rows_ok[:, None] & chan_ok[None, :]
+    if store_rec:
+        out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
+        out_ok = both_ok & low[None, :]
+        tl.store(rq_ptr + b * M * C + out_offs, rec_q, mask=out_ok)
+        tl.store(rt_ptr + b * M * C + out_offs, rec_t, mask=out_ok)
+    x = tl.load(x_img + tile_offsets(rows, chan, stride_xm, stride_xc, OFFS64), mask=both_ok, other=0.0).to(ACC)
+    u = tl.where(both_ok, rec_q - x, 0.0)
+    if MODE == 1:
+        w_res = tl.where(both_ok, rec_t - x, 0.0)
+        gq = h_rec * u
+    else:
+        w_res = tl.where(both_ok, rec_t - rec_q, 0.0)
+        gq = h_rec * u - h_con * w_res
+    gt = tl.where(low[None, :], h_con * w_res, 0.0)
+    gu = tl.where(low[None, :], gq, u)
+    return attn, gt, gu
+
+
+@triton.jit
+def values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, with_s, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """da = gt V^T and, when `with_s`, acc_s += a^T gt, one real channel at a time: C <= 8 (3 in
+    SAN), so C rank-one updates cost a fifth of a dot padded to 16 columns, in exact fp32."""
+    da = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for ci in range(0, C):
+        g_col = tl.sum(tl.where(cs[None, :] == ci, gt, 0.0), axis=1)
+        v_col = tl.load(v_blk + ns * C + ci, mask=n_ok, other=0.0).to(ACC)
+        da += g_col[:, None] * v_col[None, :]
+        if with_s:
+            s_col = tl.sum(attn * g_col[:, None], axis=0)
+            acc_s += tl.where(cs[None, :] == ci, s_col[:, None], 0.0)
+    return da, acc_s
+
+
+@triton.jit
+def saved_rows(attn_img, ga_img, gt_img, rows, rows_ok, ns, n_ok, cs, c_ok, N, stride_am, stride_ac,
+               stride_tm, stride_tc, ACC: tl.constexpr, OFFS64: tl.constexpr):
+    """MODE_GRADS: a row block's saved attention and the gradients of rec_q, rec_t, in ACC."""
+    attn = tl.load(attn_img + tile_offsets(rows, ns, N, 1, OFFS64), mask=rows_ok[:, None] & n_ok[None, :], other=0.0)
+    mc_ok = rows_ok[:, None] & c_ok[None, :]
+    gu = tl.load(ga_img + tile_offsets(rows, cs, stride_am, stride_ac, OFFS64), mask=mc_ok, other=0.0)
+    gt = tl.load(gt_img + tile_offsets(rows, cs, stride_tm, stride_tc, OFFS64), mask=mc_ok, other=0.0)
+    return attn.to(ACC), gt.to(ACC), gu.to(ACC)
+
+
+@triton.jit
+def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok, cs, c_ok, w_rows, chan_ok,
+                   with_s, N, P, C, W_ROWS: tl.constexpr):
+    """A run's partial sums for one image into its slot: dGamma (N x P), dW rows, and S (N x C,
+    range 0 only). Offsets are 64-bit from the slot: built here, they live only while storing."""
+    tl.store(slot_ptr + p_lo + ns[None, :] * P + p2[:, None], acc_g * grad_scale, mask=n_ok[None, :] & p2_ok[:, None])
+    tl.store(slot_ptr + p_lo + w_rows[None, :] + p2[:, None], acc_w * grad_scale, mask=chan_ok[None, :] & p2_ok[:, None])
+    if with_s:
+        tl.store(slot_ptr + (N + W_ROWS * C) * P + ns[:, None] * C + cs[None, :], acc_s * grad_scale,
+                 mask=n_ok[:, None] & c_ok[None, :])
+
+
+# Batch-dependent integers are not specialized on (divisibility by 16, == 1): nothing in the
+# kernel vectorizes on them, and each value would otherwise compile its own variant.
+@triton.jit(do_not_specialize=["B", "T_J", "SLOT_LEN"])
+def seat_grad_kernel(
+    q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr,
+    attn_ptr, ga_ptr, gt_ptr,
+    dq_ptr, rq_ptr, rt_ptr, ws_ptr,
+    B, M, N, P, C, P_RANGE, T_J, SLOT_LEN, tau, grad_scale, h_rec, h_con,
+    stride_qb, stride_qm, stride_qp,
+    stride_dqb, stride_dqm, stride_dqp,
+    stride_ab, stride_am, stride_ac,
+    stride_tb, stride_tm, stride_tc,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr,
+):
+    """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
+    gt_ptr: grad of rec_t (MODE_GRADS only)."""
+    j = tl.program_id(0)
+    c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
     n_ok = ns < N
     cs = tl.arange(0, BLOCK_C)
     c_ok = cs < C
-    ps = tl.arange(0, BLOCK_P)
-    nc_ok = n_ok[:, None] & c_ok[None, :]
-    # V, bias and the S partial are small but, held across the persistent loop, they would
-    # cost up to ~100 registers per thread at N = 256: they are re-read (from L1/L2) per block.
-    nc_offs = ns[:, None] * C + cs[None, :]
-    g_blk = gamma_ptr + b * stride_gb
     HALF: tl.constexpr = BLOCK_C // 2
     low = cs < HALF
     if MODE == 0:
         chan = cs
     else:
-        # C <= 8 = HALF: the fused modes carry the C channels twice, columns [0, HALF) for gq
-        # and [HALF, BLOCK_C) for u = rec_q - x, so one (BLOCK_M x 16) tile and one tl.dot
-        # give both dW partial sums (the whole dW and its rec-loss part) in pass 2.
         chan = tl.where(low, cs, cs - HALF)
     chan_ok = chan < C
-    # Loop-invariant int32 tile offsets for pass 2 (see logits_and_rec_q).
     ms = tl.arange(0, BLOCK_M)
-    q_offs = ms[:, None] * stride_qm + ps[None, :] * stride_qp
-    dq_offs = ms[:, None] * stride_dqm + ps[None, :] * stride_dqp
-    g_offs = ns[:, None] * stride_gn + ps[None, :] * stride_gp
-    w_offs = cs[:, None] * stride_wc + ps[None, :] * stride_wp
-    np_offs = ns[:, None] * P + ps[None, :]
+    p_lo = j * P_RANGE
+    p2 = tl.arange(0, BLOCK_P2)
+    p2_ok = (p2 < P_RANGE) & (p_lo + p2 < P)
+    pd = tl.arange(0, BLOCK_PD)
+    q_dtype = q_ptr.dtype.element_ty
+    W_ROWS: tl.constexpr = 1 if MODE == 0 else 2
+    # dW partial rows: [0, HALF) -> the whole dW, [HALF, BLOCK_C) -> its rec-loss part (fused).
+    w_rows = tl.where(low, N * P + chan * P, N * P + C * P + chan * P)
 
-    n_blocks = tl.cdiv(M, BLOCK_M)
-    for rb in range(pid_g, n_blocks, G):
-        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_rb = tl.cdiv(M, BLOCK_M)
+    items = tl.cast(B, tl.int64) * n_rb
+    start = c * items // T_J
+    end = (c + 1) * items // T_J
+    # Transposed (range x N): as the M dimension of the dots the range width (>= 64) lets
+    # Hopper use wgmma with its operands in shared memory rather than registers.
+    acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
+    acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
+    acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+    for it in range(start, end):
+        b = it // n_rb
+        rb = (it - b * n_rb).to(tl.int32)
+        # Tile offsets are built from this row block's rows (int32, within one image): built
+        # per iteration they stay transient; built once outside the loop the compiler would
+        # keep every tile of them live across the whole persistent loop.
+        rows = rb * BLOCK_M + ms
         rows_ok = rows < M
-        rows64 = rows.to(tl.int64)
-        mc_ok = rows_ok[:, None] & c_ok[None, :]
-        q_blk = q_ptr + b * stride_qb + tl.cast(rb * BLOCK_M, tl.int64) * stride_qm
-
-        logits, rec_q = logits_and_rec_q(
-            q_blk, g_blk, w_ptr, rows_ok, ns, n_ok, chan, chan_ok, P, tau,
-            stride_qm, stride_qp, stride_gn, stride_gp, stride_wc, stride_wp,
-            MODE != 0, PRECISION, ACC, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
-        )
+        q_img = q_ptr + b * stride_qb
+        v_blk = v_ptr + b * N * C
         if MODE == 0:
-            lse = tl.load(lse_ptr + b * M + rows, mask=rows_ok, other=0.0)
-            attn = tl.exp(logits - lse[:, None])
-            gu = tl.load(
-                grq_ptr + b * stride_grq_b + rows64[:, None] * stride_grq_m + cs[None, :] * stride_grq_c,
-                mask=mc_ok, other=0.0,
-            ).to(ACC)
-            gt = tl.load(
-                grt_ptr + b * stride_grt_b + rows64[:, None] * stride_grt_m + cs[None, :] * stride_grt_c,
-                mask=mc_ok, other=0.0,
-            ).to(ACC)
-        else:
-            row_max = tl.max(logits, axis=1)
-            e = tl.exp(logits - row_max[:, None])
-            attn = e / tl.sum(e, axis=1)[:, None]
-            v = tl.load(
-                v_ptr + b * N * C + ns[:, None] * C + chan[None, :], mask=n_ok[:, None] & chan_ok[None, :], other=0.0
+            attn, gt, gu = saved_rows(
+                attn_ptr + b * M * N, ga_ptr + b * stride_ab, gt_ptr + b * stride_tb, rows, rows_ok, ns, n_ok, cs, c_ok,
+                N, stride_am, stride_ac, stride_tm, stride_tc, ACC, OFFS64,
             )
-            rec_t = mm(attn, v, tl.zeros((BLOCK_M, BLOCK_C), ACC), "ieee")
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + chan, mask=chan_ok, other=0.0).to(ACC)
-                rec_q += bias[None, :]
-                rec_t += bias[None, :]
-            out_offs = b * M * C + rows64[:, None] * C + cs[None, :]
-            tl.store(rq_ptr + out_offs, rec_q, mask=mc_ok)
-            tl.store(rt_ptr + out_offs, rec_t, mask=mc_ok)
-            both_ok = rows_ok[:, None] & chan_ok[None, :]
-            x = tl.load(
-                x_ptr + b * stride_xb + rows64[:, None] * stride_xm + chan[None, :] * stride_xc,
-                mask=both_ok, other=0.0,
-            ).to(ACC)
-            # Residuals without the 2/K of the mean: O(1) values survive the cast to fp16/bf16
-            # for tl.dot, and grad_scale = 2/K is applied to the fp32 accumulators instead.
-            u = tl.where(both_ok, rec_q - x, 0.0)
-            if MODE == 1:
-                w_res = tl.where(both_ok, rec_t - x, 0.0)
-                gq = h_rec * u
-            else:
-                w_res = tl.where(both_ok, rec_t - rec_q, 0.0)
-                gq = h_rec * u - h_con * w_res
-            gt = tl.where(low[None, :], h_con * w_res, 0.0)
-            gu = tl.where(low[None, :], gq, u)
-
-        v_t = tl.load(v_ptr + b * N * C + cs[:, None] + ns[None, :] * C, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-        da = mm(gt, v_t, tl.zeros((BLOCK_M, BLOCK_N), ACC), "ieee")
+        else:
+            attn, gt, gu = fused_loss_rows(
+                q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, ga_ptr + b * stride_ab, rq_ptr, rt_ptr, b, rows, rows_ok,
+                ns, n_ok, cs, chan, chan_ok, low, j == 0, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp,
+                stride_am, stride_ac, MODE, HAS_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+            )
+        da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j == 0, ACC, BLOCK_M, BLOCK_N)
         dl = attn * (da - tl.sum(attn * da, axis=1)[:, None])
         dl = tl.where(rows_ok[:, None] & n_ok[None, :], dl * tau, 0.0)
-        s_part = mm(tl.trans(attn), gt, tl.zeros((BLOCK_N, BLOCK_C), ACC), "ieee")
-        accumulate_partial(ws_s_ptr + slot * N * C + nc_offs, nc_ok, s_part * grad_scale, rb, pid_g)
-
-        q_dtype = q_ptr.dtype.element_ty
         dl_lp = dl.to(q_dtype)
         gu_lp = gu.to(q_dtype)
-        # Rows [0, HALF) of trans(gu) @ q go to ws_w, rows [HALF, 16) (fused modes) to ws_wu.
-        ws_w_rows = tl.where(low, ws_w_ptr + chan * P, ws_wu_ptr + chan * P) + slot * C * P
-        dq_blk = dq_ptr + b * stride_dqb + tl.cast(rb * BLOCK_M, tl.int64) * stride_dqm
-        ws_gamma_blk = ws_gamma_ptr + slot * N * P
-        for p0 in range(0, P, BLOCK_P):
-            p_ok = (p0 + ps) < P
-            mp_ok = rows_ok[:, None] & p_ok[None, :]
-            q = tl.load(q_blk + p0 * stride_qp + q_offs, mask=mp_ok, other=0.0)
-            g = tl.load(g_blk + p0 * stride_gp + g_offs, mask=n_ok[:, None] & p_ok[None, :], other=0.0).to(q_dtype)
-            # W in rows [0, C) only: gu @ w is gq W, the u half meets zeros.
-            w = tl.load(w_ptr + p0 * stride_wp + w_offs, mask=c_ok[:, None] & p_ok[None, :], other=0.0).to(q_dtype)
 
-            dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_P), ACC), PRECISION)
+        # Step 2, range j: the last read of this Q tile (evict_first).
+        q2_offs = tile_offsets(rows, p_lo + p2, stride_qm, stride_qp, OFFS64)
+        q2 = tl.load(q_img + q2_offs, mask=rows_ok[:, None] & p2_ok[None, :], other=0.0, eviction_policy="evict_first")
+        q2_t = tl.trans(q2)
+        acc_g = mm(q2_t, dl_lp, acc_g, PRECISION)
+        acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
+        dq_img = dq_ptr + b * stride_dqb
+        for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
+            cols = s * BLOCK_PD + pd
+            cols_ok = (cols < P_RANGE) & (p_lo + cols < P)
+            g = tl.load(gamma_ptr + tile_offsets(b * N + ns, p_lo + cols, P, 1, OFFS64),
+                        mask=n_ok[:, None] & cols_ok[None, :], other=0.0)
+            # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
+            w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
+            dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
             dq = mm(gu_lp, w, dq, PRECISION)
-            tl.store(dq_blk + p0 * stride_dqp + dq_offs, (dq * grad_scale).to(dq_ptr.dtype.element_ty), mask=mp_ok)
+            dq_offs = tile_offsets(rows, p_lo + cols, stride_dqm, stride_dqp, OFFS64)
+            tl.store(dq_img + dq_offs, (dq * grad_scale).to(dq_ptr.dtype.element_ty),
+                     mask=rows_ok[:, None] & cols_ok[None, :], eviction_policy="evict_first")
 
-            d_gamma = mm(tl.trans(dl_lp), q, tl.zeros((BLOCK_N, BLOCK_P), ACC), PRECISION)
-            accumulate_partial(
-                ws_gamma_blk + p0 + np_offs, n_ok[:, None] & p_ok[None, :], d_gamma * grad_scale, rb, pid_g
-            )
-            d_w = mm(tl.trans(gu_lp), q, tl.zeros((BLOCK_C, BLOCK_P), ACC), PRECISION)
-            accumulate_partial(
-                ws_w_rows[:, None] + (p0 + ps)[None, :], chan_ok[:, None] & p_ok[None, :], d_w * grad_scale,
-                rb, pid_g,
-            )
+        if (rb == n_rb - 1) | (it == end - 1):
+            store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok,
+                           cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS)
+            acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
+            acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
+            acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
 
 
-def launch_backward(
+@triton.jit(do_not_specialize=["SLOT_LEN", "ROW_BLOCKS", "ITEMS", "T_J"])
+def reduce_slots_kernel(ws_ptr, out_ptr, SLOT_LEN, ROW_BLOCKS, ITEMS, T_J, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """out[b] = sum of the slots c + b of the runs c that cover image b, in order of c."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < SLOT_LEN
+    b = tl.program_id(1).to(tl.int64)
+    # Run c covers item i when c == ((i + 1) * T - 1) // ITEMS (seat_plan.GradPlan.run).
+    c_lo = ((b * ROW_BLOCKS + 1) * T_J - 1) // ITEMS
+    c_hi = ((b + 1) * ROW_BLOCKS * T_J - 1) // ITEMS
+    total = tl.zeros((BLOCK,), ACC)
+    for c in range(c_lo, c_hi + 1):
+        total += tl.load(ws_ptr + (c + b) * SLOT_LEN + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + b * SLOT_LEN + offs, total, mask=ok)
+
+
+def _grad_kernel(plan: seat_plan.GradPlan):
+    bn = common.block_n(plan.N)
+    configs = seat_plan.grad_configs(plan.mode, bn, plan.block_p2)
+    kind = seat_plan.grad_kind(plan.mode)
+    return common.autotuned(seat_grad_kernel, kind, seat_plan.bucket(bn), configs,
+                            ["N", "P", "C", "MODE", "BLOCK_M", "BLOCK_P2"])
+
+
+def _check_plan(plan: seat_plan.GradPlan, mode: int, shape: tuple) -> None:
+    if (plan.mode, plan.B, plan.M, plan.P, plan.N, plan.C) != (mode, *shape):
+        raise ValueError(f"plan is for mode {plan.mode} and (B,M,P,N,C)={(plan.B, plan.M, plan.P, plan.N, plan.C)}, "
+                         f"the launch for mode {mode} and {shape}")
+    if plan.p_range % 16 or plan.p_range > plan.block_p2 or plan.block_p2 & (plan.block_p2 - 1):
+        raise ValueError(f"plan's P range {plan.p_range} must be a multiple of 16 within its power-of-2 tile "
+                         f"{plan.block_p2}")
+
+
+def launch_grad(
     mode: int,
     q: torch.Tensor,
     gamma: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     *,
-    lse: Optional[torch.Tensor] = None,
+    attn: Optional[torch.Tensor] = None,
     grad_rec_q: Optional[torch.Tensor] = None,
     grad_rec_t: Optional[torch.Tensor] = None,
     x: Optional[torch.Tensor] = None,
     h_rec: float = 1.0,
     h_con: float = 1.0,
     launch: Callable = common.identity_launch,
-    programs: Optional[int] = None,
+    plan: Optional[seat_plan.GradPlan] = None,
+    config=None,
     dq: Optional[torch.Tensor] = None,
     workspace_fill: Optional[float] = None,
 ):
-    """Run the persistent kernel; returns dq, the reduced (dGamma_direct, dW_direct, dW_u, S)
-    and, in the fused modes, rec_q and rec_t in the accumulation dtype.
+    """Run the gradient kernel and the slot reduction; returns dq, dGamma_direct (B,N,P),
+    dW_direct (C,P), dW_u (C,P; fused modes, else None), S (B,N,C) and, in the fused modes,
+    rec_q and rec_t (B,M,C) in the accumulation dtype (else None).
 
-    dGamma_direct = sum_i tau dl_i^T q_i (B,N,P), dW_direct = sum gq^T q (C,P),
-    dW_u = sum u^T q (C,P; fused modes only, zeros otherwise), S = sum_i a_i^T gt_i (B,N,C).
-    `programs` forces G; `dq` and `workspace_fill` (e.g. NaN) let tests check that the kernel
-    writes every element of its outputs and workspaces.
+    dGamma_direct = sum_i tau dl_i^T q_i, dW_direct = sum gq^T q, dW_u = sum u^T q,
+    S = sum_i a_i^T gt_i. `plan` (seat_plan.grad_plan) fixes the grid and tiles, `config` one
+    autotune candidate; `dq` and `workspace_fill` (e.g. NaN) let tests check that every element
+    of the outputs and of the used workspace is written.
     """
-    bsz, m, p = q.shape
-    n, c = gamma.shape[1], weight.shape[0]
+    shape = common.check_launch(q, gamma, weight)
+    bsz, m, p, n, c = shape
+    fused = mode in LOSS_MODES
+    if fused:
+        if x is None:
+            raise ValueError("the fused-loss modes need the target image x (B,M,C)")
+        common.check_rows("x", x, (bsz, m, c), q.device)
+        row_a, row_t = x, x
+    else:
+        if attn is None or grad_rec_q is None or grad_rec_t is None:
+            raise ValueError("MODE_GRADS needs the saved attention and the gradients of rec_q and rec_t")
+        common.check_rows("attn", attn, (bsz, m, n), q.device)
+        if not attn.is_contiguous():
+            raise ValueError("the saved attention must be contiguous (B,M,N), as seat_forward writes it")
+        common.check_rows("grad_rec_q", grad_rec_q, (bsz, m, c), q.device)
+        common.check_rows("grad_rec_t", grad_rec_t, (bsz, m, c), q.device)
+        row_a, row_t = grad_rec_q, grad_rec_t
     acc = common.acc_dtype(q.dtype)
-    bn = common.block_n(n)
-    fused = mode != MODE_GRADS
-    kind = "loss" if fused else "backward"
-    g = common.programs_per_image(q, n, c, bn, kind, programs)
+    if plan is None:
+        plan = seat_plan.grad_plan(mode, bsz, m, p, n, c, q.dtype, seat_plan.device_spec(q.device))
+    _check_plan(plan, mode, shape)
     values = values_matrix(gamma, weight, acc)
     if dq is None:
         dq = torch.empty_like(q)
 
-    def buffer(*shape):
+    def buffer(*size):
         if workspace_fill is None:
-            return torch.empty(shape, device=q.device, dtype=acc)
-        return torch.full(shape, workspace_fill, device=q.device, dtype=acc)
+            return torch.empty(size, device=q.device, dtype=acc)
+        return torch.full(size, workspace_fill, device=q.device, dtype=acc)
 
-    ws_gamma = buffer(bsz, g, n, p)
-    ws_w = buffer(bsz, g, c, p)
-    ws_wu = buffer(bsz, g, c, p) if fused else ws_w
-    ws_s = buffer(bsz, g, n, c)
-    if fused:
-        rec_q = buffer(bsz, m, c)
-        rec_t = buffer(bsz, m, c)
-        grad_scale = 2.0 / (bsz * m * c)
-        grq = grt = xs = x
-        lse_arg = rec_q
-    else:
-        rec_q = rec_t = None
-        grad_scale = 1.0
-        grq, grt, xs = grad_rec_q, grad_rec_t, grad_rec_q
-        lse_arg = lse
-    kernel = common.autotuned(seat_backward_kernel, kind, bn)
-    launch(kernel)[(g, bsz)](
-        q, gamma, weight, values, bias if bias is not None else values, lse_arg,
-        grq, grt, xs,
-        dq, rec_q if fused else dq, rec_t if fused else dq,
-        ws_gamma, ws_w, ws_wu, ws_s,
-        m, n, p, c, g, 1.0 / p ** 0.5, grad_scale, h_rec, h_con,
-        q.stride(0), q.stride(1), q.stride(2),
-        gamma.stride(0), gamma.stride(1), gamma.stride(2),
-        weight.stride(0), weight.stride(1),
-        grq.stride(0), grq.stride(1), grq.stride(2),
-        grt.stride(0), grt.stride(1), grt.stride(2),
-        xs.stride(0), xs.stride(1), xs.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        MODE=mode, HAS_BIAS=bias is not None, PRECISION=common.dot_precision(q),
-        ACC=common.tl_acc_dtype(q.dtype), BLOCK_N=bn, BLOCK_C=common.BLOCK_C,
+    ws = buffer(plan.slots, plan.slot_len)
+    rec_q = buffer(bsz, m, c) if fused else dq
+    rec_t = buffer(bsz, m, c) if fused else dq
+    kernel, meta = common.with_config(_grad_kernel(plan), config)
+    gamma_op = common.as_operand(gamma, q.dtype)
+    wide = common.wide_offsets(q, dq, gamma_op, row_a, row_t, *([attn] if attn is not None else []))
+    with common.device_guard(q):
+        launch(kernel)[plan.grid](
+            q, gamma_op, common.as_operand(weight, q.dtype), values,
+            bias if bias is not None else values,
+            attn if attn is not None else values, row_a, row_t,
+            dq, rec_q, rec_t, ws,
+            bsz, m, n, p, c, plan.p_range, plan.ctas_per_range, plan.slot_len, 1.0 / p ** 0.5,
+            2.0 / (bsz * m * c) if fused else 1.0, h_rec, h_con,
+            q.stride(0), q.stride(1), q.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            row_a.stride(0), row_a.stride(1), row_a.stride(2),
+            row_t.stride(0), row_t.stride(1), row_t.stride(2),
+            MODE=mode, HAS_BIAS=bias is not None, PRECISION=common.dot_precision(q),
+            ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
+            BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, **meta,
+        )
+        sums = reduce_slots(ws, plan, launch)
+    n_p, c_p = n * p, c * p
+    d_gamma = sums[:, :n_p].view(bsz, n, p)
+    d_w = sums[:, n_p:n_p + c_p].view(bsz, c, p).sum(0)
+    d_wu = sums[:, n_p + c_p:n_p + 2 * c_p].view(bsz, c, p).sum(0) if fused else None
+    s = sums[:, (n + plan.w_rows * c) * p:].view(bsz, n, c)
+    return dq, d_gamma, d_w, d_wu, s, (rec_q if fused else None), (rec_t if fused else None)
+
+
+def reduce_slots(ws: torch.Tensor, plan: seat_plan.GradPlan, launch: Callable = common.identity_launch) -> torch.Tensor:
+    """(B, slot_len): each image's partial sums, added over its runs in a fixed order."""
+    out = torch.empty((plan.B, plan.slot_len), device=ws.device, dtype=ws.dtype)
+    grid = (triton.cdiv(plan.slot_len, seat_plan.REDUCE_BLOCK), plan.B)
+    launch(reduce_slots_kernel)[grid](
+        ws, out, plan.slot_len, plan.row_blocks, plan.items, plan.ctas_per_range,
+        ACC=common.tl_acc_dtype(ws.dtype), BLOCK=seat_plan.REDUCE_BLOCK, num_warps=4,
     )
-    d_gamma = ws_gamma.sum(1)
-    d_w = ws_w.sum((0, 1))
-    d_wu = ws_wu.sum((0, 1)) if fused else torch.zeros_like(d_w)
-    s = ws_s.sum(1)
-    return dq, d_gamma, d_w, d_wu, s, rec_q, rec_t
+    return out
 
 
 def combine_through_values(
@@ -268,8 +360,7 @@ def combine_through_values(
     """Add the gradient that flows through V = Gamma W^T: dGamma += S W, dW += sum_b S_b^T Gamma_b."""
     acc = d_gamma.dtype
     with torch.autocast(device_type=gamma.device.type, enabled=False):
-        g = gamma.to(acc)
         w = weight.to(acc)
-        d_gamma = d_gamma + torch.matmul(s, w)
-        d_w = d_w + torch.matmul(s.transpose(1, 2), g).sum(0)
+        d_gamma = torch.baddbmm(d_gamma, s, w.expand(s.shape[0], -1, -1))
+        d_w = d_w + torch.matmul(s.transpose(1, 2), gamma.to(acc)).sum(0)
     return d_gamma, d_w

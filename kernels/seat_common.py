@@ -1,28 +1,23 @@
-"""Launch policy shared by the SEAT kernels: tile sizes, autotune configs, dot precision, grids.
+"""Host-side helpers shared by the SEAT launchers: limits, dtypes, dot precision, device guard,
+launch preconditions, and the autotuner registry.
 
-Everything here runs on the host. The kernels themselves live in seat_forward.py,
-seat_backward.py and seat_fused_loss.py.
+The kernels live in seat_forward.py, seat_backward.py and seat_fused_loss.py; how each launch
+is shaped (tiles, grid, workspace) is decided in seat_plan.py, which traffic.py also reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+from san_fast.kernels.seat_reference import MAX_C, MAX_N, MIN_C, MIN_N, MIN_P
 
 # C (output channels of the 1x1 conv) is at most 8; tl.dot needs every dimension >= 16.
 BLOCK_C = 16
-MAX_N = 256
-MAX_C = 8
-MIN_P = 16
-
-# Upper bound on the backward's fp32 partial sums (per program: N x P for dGamma plus
-# 2 x C x P for dW), as a fraction of the bytes of Q: with the fused loss's other buffers the
-# op stays within about 5% of Q. Fewer programs per image means less
-# parallelism; the cap only binds for small batches or large N (see README.md).
-WORKSPACE_FRACTION = 0.035
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def interpreting() -> bool:
@@ -30,7 +25,7 @@ def interpreting() -> bool:
 
 
 def identity_launch(kernel):
-    """Default `launch` of the launchers: run the kernel as is (ops.py passes wrap_triton)."""
+    """Default `launch` of the launchers: run the kernel as is (compile_report.py passes a recorder)."""
     return kernel
 
 
@@ -58,94 +53,92 @@ def dot_precision(q: torch.Tensor) -> str:
     return "tf32" if major >= 8 else "ieee"
 
 
-def _configs(triples):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_P": p}, num_warps=w, num_stages=s) for m, p, w, s in triples
-    ]
+def device_guard(t: torch.Tensor):
+    """Launch on t's device, not on whichever CUDA device is current."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-# (BLOCK_M, BLOCK_P, num_warps, num_stages) per padded-N bucket. The logits tile
-# BLOCK_M x BLOCK_N stays in registers for the whole P loop, so BLOCK_M shrinks as N grows.
-# Chosen from offline compiles (`python -m san_fast.kernels.compile_report`: ptxas register
-# and spill reports, shared memory that fits sm70's 96 KiB in at least one config per bucket);
-# the autotuner picks among them on the GPU.
-_FORWARD_TRIPLES = {
-    32: [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-    64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-    128: [(32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 8, 3)],
-    256: [(32, 64, 8, 3), (64, 32, 8, 2), (16, 64, 4, 3)],
-}
-# The backward also holds dl (BLOCK_M x BLOCK_N) across the second P loop, plus a dq tile and
-# a read-modify-written dGamma tile (BLOCK_N x BLOCK_P): BLOCK_P shrinks as N grows.
-_BACKWARD_TRIPLES = {
-    32: [(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-    64: [(64, 32, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 16, 8, 3)],
-    128: [(32, 32, 8, 2), (16, 64, 8, 3), (32, 64, 8, 3), (32, 16, 8, 3), (16, 16, 8, 2)],
-    256: [(16, 16, 8, 3), (16, 32, 8, 2), (32, 16, 8, 3), (16, 16, 8, 2)],
-}
-# The fused loss adds the forward's softmax and the residuals to the same kernel: more
-# pressure, so the configs that spilled least there. The last ones of each list (BLOCK_P = 16)
-# are the pipelined configs that spill least for sm90 bf16 under triton 3.6 (compile_report.py).
-_LOSS_TRIPLES = {
-    32: [(128, 32, 8, 2), (64, 32, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (128, 16, 8, 3), (64, 16, 8, 3)],
-    64: [(32, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (32, 16, 8, 2)],
-    128: [(32, 16, 8, 3), (16, 64, 8, 3), (32, 32, 8, 3), (16, 16, 8, 2)],
-    256: [(16, 16, 8, 3), (16, 32, 8, 3), (16, 16, 8, 2)],
-}
-_TRIPLES = {"forward": _FORWARD_TRIPLES, "backward": _BACKWARD_TRIPLES, "loss": _LOSS_TRIPLES}
-_KEYS = {"forward": ["N", "P", "C", "LABELS"], "backward": ["N", "P", "C", "MODE"], "loss": ["N", "P", "C", "MODE"]}
-# Under the interpreter every program runs in numpy one after another: large tiles, one config
-# (autotuning several configs does not work there).
-_INTERPRETER_TRIPLE = (64, 64, 4, 1)
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """True when an offset within one image of a (B, rows, cols) tensor may reach 2^31 (or, for
+    a contiguous (B, rows, cols) operand such as gamma, within the whole tensor): the kernels
+    then build their tile offsets in 64 bits. Image bases are 64-bit either way."""
+    limit = 2**31
+    for t in tensors:
+        per_image = sum(abs(st) * (n - 1) for st, n in zip(t.stride()[1:], t.shape[1:]))
+        if per_image >= limit or (t.is_contiguous() and t.numel() >= limit):
+            return True
+    return False
 
 
-def _bucket(bn: int) -> int:
-    return max(32, bn)
+def check_launch(q: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[int, int, int, int, int]:
+    """The kernels' preconditions, checked where they are launched (san_fast.ops checks the same
+    for its users; this catches direct callers). Returns B, M, P, N, C."""
+    if q.dim() != 3:
+        raise ValueError(f"SEAT kernels take q as rows (B,M,P), got shape {tuple(q.shape)}")
+    bsz, m, p = q.shape
+    if bsz < 1 or m < 1:
+        raise ValueError(f"SEAT kernels need at least one image and one pixel, got q of shape {tuple(q.shape)}")
+    if p < MIN_P:
+        raise ValueError(f"SEAT kernels need P >= {MIN_P} (tl.dot tiles), got P={p}")
+    if q.dtype not in _FLOATS:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if gamma.dim() != 3 or gamma.shape[0] != bsz or gamma.shape[2] != p:
+        raise ValueError(f"gamma must be (B,N,P)=({bsz},N,{p}), got {tuple(gamma.shape)}")
+    n = gamma.shape[1]
+    if not MIN_N <= n <= MAX_N:
+        raise ValueError(f"SEAT kernels need N in {MIN_N}..{MAX_N}, got N={n}")
+    c = 1
+    tensors = [gamma]
+    if weight is not None:
+        if weight.dim() != 2 or weight.shape[1] != p:
+            raise ValueError(f"weight must be (C,P) with P={p}, got {tuple(weight.shape)}")
+        c = weight.shape[0]
+        if not MIN_C <= c <= MAX_C:
+            raise ValueError(f"SEAT kernels need C in {MIN_C}..{MAX_C} (the fused loss packs 2C <= 16 columns), got C={c}")
+        tensors.append(weight)
+    for t in tensors:
+        if t.device != q.device:
+            raise ValueError(f"all SEAT kernel inputs must be on q's device {q.device}, got one on {t.device}")
+    return bsz, m, p, n, c
 
 
-def configs(kind: str, bn: int):
-    if interpreting():
-        return _configs([_INTERPRETER_TRIPLE])
-    return _configs(_TRIPLES[kind][_bucket(bn)])
+def check_rows(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    """A per-row input of a launcher (gradients, targets, saved attention) must match q's rows."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
-def max_block_m(kind: str, bn: int) -> int:
-    return max(cfg.kwargs["BLOCK_M"] for cfg in configs(kind, bn))
+def as_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """gamma / W in q's dtype, contiguous, as autocast would feed tl.dot (a no-op when they
+    already are): the kernels then read them at q's element size, with fixed strides."""
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        return t.to(dtype).contiguous()
 
 
 _AUTOTUNED: dict = {}
 
 
-def autotuned(kernel, kind: str, bn: int):
+def autotuned(kernel, kind: str, bucket: int, configs: list, key: list):
     """One autotuner per (kernel, kind, N bucket), each with the configs that fit that N."""
-    key = (kernel, kind, _bucket(bn), interpreting())
-    if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = triton.autotune(configs=configs(kind, bn), key=_KEYS[kind])(kernel)
-    return _AUTOTUNED[key]
+    reg_key = (kernel, kind, bucket, tuple(str(c) for c in configs))
+    if reg_key not in _AUTOTUNED:
+        _AUTOTUNED[reg_key] = triton.autotune(configs=configs, key=key)(kernel)
+    return _AUTOTUNED[reg_key]
 
 
-def programs_per_image(
-    q_rows: torch.Tensor, n: int, c: int, bn: int, kind: str, requested: int | None = None
-) -> int:
-    """Persistent-grid width G of the backward: programs per image, each looping over row blocks.
+def with_config(kernel, config):
+    """(kernel, launch kwargs): the autotuner as is, or, given a triton.Config, the kernel it
+    wraps with that config's parameters (tests run every config this way)."""
+    if config is None:
+        return kernel, {}
+    return kernel.fn, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
-    Every program must own at least one row block under every autotune config (it initialises
-    its own partial-sum slice on its first block), hence the cap by the largest BLOCK_M.
-    """
-    b, m, p = q_rows.shape
-    most = max(1, triton.cdiv(m, max_block_m(kind, bn)))
-    if requested is not None:
-        return max(1, min(int(requested), most))
-    if q_rows.device.type == "cuda":
-        sms = torch.cuda.get_device_properties(q_rows.device).multi_processor_count
-        # Rounded down: at the backward's register use one or two programs fit per SM, and
-        # B*G just above 2 x SMs (B=16, 132 SMs: 272 for cdiv) would add a nearly empty wave.
-        target = max(1, (2 * sms) // b)
-    else:
-        target = 2
-    per_program = (n + 2 * c) * p * 4
-    budget = int(WORKSPACE_FRACTION * q_rows.numel() * q_rows.element_size()) // (b * per_program)
-    return max(1, min(target, most, budget))
+
+def config_label(cfg) -> str:
+    parts = [f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg.kwargs.items()]
+    return ",".join(parts + [f"w={cfg.num_warps}", f"s={cfg.num_stages}"])
 
 
 def chosen_configs(kinds: tuple[str, ...] = ("forward", "backward", "loss")) -> dict[str, str]:
@@ -160,7 +153,5 @@ def chosen_configs(kinds: tuple[str, ...] = ("forward", "backward", "loss")) -> 
         if not picks and len(tuner.configs) == 1:
             picks = {"only config": tuner.configs[0]}
         for key, cfg in picks.items():
-            out[f"{kind} N<={bucket} {key}"] = (
-                f"M={cfg.kwargs['BLOCK_M']},P={cfg.kwargs['BLOCK_P']},w={cfg.num_warps},s={cfg.num_stages}"
-            )
+            out[f"{kind} N<={bucket} {key}"] = config_label(cfg)
     return out

@@ -1,20 +1,22 @@
 """SEAT + reconstruction losses with every gradient computed in the forward pass.
 
 L_rec = mean((rec_q - x)^2), L_con = mean((rec_t - target)^2), target = x or rec_q (not
-detached). Their gradients are known during the forward, so one pass of the backward kernel
-(seat_backward.py, MODE_LOSS_*) computes the losses' inputs rec_q/rec_t *and* dq, dGamma, dW:
-Q is read once for the logits, re-read per row block (mostly from L2) for the partial sums,
-and dQ written once; the backward of the autograd graph then only rescales (Liger-Kernel's
-fused linear + cross-entropy trick).
+detached). Their gradients are known during the forward, so one launch of the gradient kernel
+(seat_backward.py, fused modes) computes the losses' inputs rec_q/rec_t *and* dq, dGamma, dW:
+Q is read once from HBM and dQ written once; the backward of the autograd graph then has
+nothing left to do but scale (Liger-Kernel's fused linear + cross-entropy trick).
 
 The upstream gradients (g_rec, g_con) are unknown in the forward, so the gradients are
 precomputed for a hint (h_rec, h_con) (the weights the caller gives the two losses). The
-small ones (dGamma, dW, dbias) are kept split so any (g_rec, g_con) is exact; dq is the one
-big tensor: with a = g_con / h_con and b = g_rec - a h_rec,
+small ones (dGamma, dW, dbias) are kept split so any (g_rec, g_con) is exact; dq is the one big
+tensor: with a = g_con / h_con and b = g_rec - a h_rec,
 
-    dq = a dq_pre + b (u W),   u = 2 (rec_q - x) / K,
+    dq = a dq_pre + b (u W),   u = 2 (rec_q - x) / K.
 
-which `rescale_dq` applies in one extra pass over dQ only when (a, b) != (1, 0).
+`rescale_dq_` does this in place, deciding on the device: when (a, b) = (1, 0), the usual case
+(upstream gradients equal to the hint), every program returns after reading two numbers. Only
+the first backward through a graph can use dq_pre this way (it is then overwritten); a second
+one (retain_graph) recomputes dq exactly instead (kernels/seat_autograd.py).
 """
 
 from __future__ import annotations
@@ -25,47 +27,45 @@ import torch
 import triton
 import triton.language as tl
 from san_fast.kernels import seat_common as common
-from san_fast.kernels.seat_backward import (
-    MODE_LOSS_IMAGE,
-    MODE_LOSS_REC_Q,
-    combine_through_values,
-    launch_backward,
-)
-from san_fast.kernels.seat_forward import mm
+from san_fast.kernels import seat_plan
+from san_fast.kernels.seat_backward import combine_through_values, launch_grad
+from san_fast.kernels.seat_forward import mm, tile_offsets
+from san_fast.kernels.seat_plan import MODE_LOSS_IMAGE, MODE_LOSS_REC_Q
+
+RESCALE_BLOCKS = (32, 128, 4)  # BLOCK_M, BLOCK_P, warps on a GPU
+INTERPRETER_RESCALE_BLOCKS = (64, 64, 4)
 
 
 @triton.jit
 def rescale_dq_kernel(
-    dq_ptr, u_ptr, w_ptr, coef_ptr, out_ptr,
+    dq_ptr, u_ptr, w_ptr, coef_ptr,
     M, P, C,
     stride_dqb, stride_dqm, stride_dqp,
-    stride_wc, stride_wp,
-    stride_ob, stride_om, stride_op,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr, OFFS64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    cs = tl.arange(0, BLOCK_C)
-    c_ok = cs < C
-    ps = tl.arange(0, BLOCK_P)
-    a = tl.load(coef_ptr)
-    scale_u = tl.load(coef_ptr + 1)
-    u = tl.load(u_ptr + b * M * C + rows64[:, None] * C + cs[None, :], mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
-    u = u * scale_u
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + ps
-        ok = rows_ok[:, None] & (p < P)[None, :]
-        dq = tl.load(dq_ptr + b * stride_dqb + rows64[:, None] * stride_dqm + p[None, :] * stride_dqp, mask=ok, other=0.0)
-        w = tl.load(w_ptr + cs[:, None] * stride_wc + p[None, :] * stride_wp, mask=c_ok[:, None] & (p < P)[None, :], other=0.0)
-        out = mm(u, w.to(ACC), dq.to(ACC) * a, "ieee")
-        tl.store(
-            out_ptr + b * stride_ob + rows64[:, None] * stride_om + p[None, :] * stride_op,
-            out.to(out_ptr.dtype.element_ty),
-            mask=ok,
-        )
+    a = tl.load(coef_ptr).to(ACC)
+    b = tl.load(coef_ptr + 1).to(ACC)
+    if (a != 1.0) | (b != 0.0):
+        pid_m = tl.program_id(0)
+        bi = tl.program_id(1).to(tl.int64)
+        ms = tl.arange(0, BLOCK_M)
+        rows_ok = (pid_m * BLOCK_M + ms) < M
+        row0 = bi * M + pid_m * BLOCK_M
+        cs = tl.arange(0, BLOCK_C)
+        c_ok = cs < C
+        ps = tl.arange(0, BLOCK_P)
+        u = tl.load(u_ptr + row0 * C + ms[:, None] * C + cs[None, :], mask=rows_ok[:, None] & c_ok[None, :], other=0.0)
+        u = u.to(ACC) * b
+        blk = dq_ptr + bi * stride_dqb + tl.cast(pid_m * BLOCK_M, tl.int64) * stride_dqm
+        offs = tile_offsets(ms, ps, stride_dqm, stride_dqp, OFFS64)
+        for p0 in range(0, P, BLOCK_P):
+            p_ok = (p0 + ps) < P
+            ok = rows_ok[:, None] & p_ok[None, :]
+            ptrs = blk + tl.cast(p0, tl.int64) * stride_dqp + offs
+            dq = tl.load(ptrs, mask=ok, other=0.0)
+            w = tl.load(w_ptr + p0 + cs[:, None] * P + ps[None, :], mask=c_ok[:, None] & p_ok[None, :], other=0.0)
+            out = mm(u, w.to(ACC), dq.to(ACC) * a, "ieee")
+            tl.store(ptrs, out.to(dq_ptr.dtype.element_ty), mask=ok)
 
 
 def seat_fused_loss(
@@ -78,45 +78,45 @@ def seat_fused_loss(
     h_rec: float,
     h_con: float,
     launch: Callable = common.identity_launch,
-    programs: Optional[int] = None,
+    plan: Optional[seat_plan.GradPlan] = None,
+    config=None,
     dq: Optional[torch.Tensor] = None,
     workspace_fill: Optional[float] = None,
 ):
     """Returns rec_q, rec_t (B,M,C, accumulation dtype), dq_pre (q's dtype and strides),
     dGamma_pre (B,N,P) = h_con * dGamma, dW_pre (C,P) for the hint, dW_u (C,P) = sum u^T q."""
     mode = MODE_LOSS_REC_Q if target_rec_q else MODE_LOSS_IMAGE
-    dq, d_gamma, d_w, d_wu, s, rec_q, rec_t = launch_backward(
-        mode, q, gamma, weight, bias, x=x, h_rec=h_rec, h_con=h_con, launch=launch, programs=programs, dq=dq,
-        workspace_fill=workspace_fill,
+    dq, d_gamma, d_w, d_wu, s, rec_q, rec_t = launch_grad(
+        mode, q, gamma, weight, bias, x=x, h_rec=h_rec, h_con=h_con, launch=launch, plan=plan, config=config,
+        dq=dq, workspace_fill=workspace_fill,
     )
     d_gamma, d_w = combine_through_values(d_gamma, d_w, s, gamma, weight)
     return rec_q, rec_t, dq, d_gamma, d_w, d_wu
 
 
-def rescale_dq(
-    dq_pre: torch.Tensor,
+def rescale_dq_(
+    dq: torch.Tensor,
     u: torch.Tensor,
     weight: torch.Tensor,
     coef: torch.Tensor,
     launch: Callable = common.identity_launch,
-    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """out = coef[0] * dq_pre + coef[1] * (u @ W), written to a new tensor shaped like dq_pre.
-
-    Out of place so that a second backward through the same graph (retain_graph) sees the
-    unchanged dq_pre."""
-    bsz, m, p = dq_pre.shape
+    """In place: dq <- coef[0] dq + coef[1] (u @ W), skipped on the device when coef is (1, 0).
+    Returns dq."""
+    bsz, m, p = dq.shape
     c = weight.shape[0]
-    if out is None:
-        out = torch.empty_like(dq_pre)
-    block_m, block_p, warps = (64, 64, 4) if common.interpreting() else (32, 128, 4)
-    launch(rescale_dq_kernel)[(triton.cdiv(m, block_m), bsz)](
-        dq_pre, u, weight, coef, out,
-        m, p, c,
-        dq_pre.stride(0), dq_pre.stride(1), dq_pre.stride(2),
-        weight.stride(0), weight.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        ACC=common.tl_acc_dtype(u.dtype), BLOCK_C=common.BLOCK_C, BLOCK_M=block_m, BLOCK_P=block_p,
-        num_warps=warps,
-    )
-    return out
+    common.check_rows("u", u, (bsz, m, c), dq.device)
+    if weight.shape[1] != p or not u.is_contiguous() or coef.shape != (2,):
+        raise ValueError(f"rescale_dq_: weight (C,{p}), contiguous u (B,M,C) and coef (2,) expected; got "
+                         f"{tuple(weight.shape)}, {tuple(u.shape)}, {tuple(coef.shape)}")
+    block_m, block_p, warps = INTERPRETER_RESCALE_BLOCKS if common.interpreting() else RESCALE_BLOCKS
+    w = weight.contiguous()
+    with common.device_guard(dq):
+        launch(rescale_dq_kernel)[(triton.cdiv(m, block_m), bsz)](
+            dq, u, w, coef,
+            m, p, c,
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            ACC=common.tl_acc_dtype(u.dtype), OFFS64=common.wide_offsets(dq), BLOCK_C=common.BLOCK_C,
+            BLOCK_M=block_m, BLOCK_P=block_p, num_warps=warps,
+        )
+    return dq

@@ -28,3 +28,13 @@ def _map_source_kernels() -> None:
 
 
 _map_source_kernels()
+
+
+def __getattr__(name: str):
+    # `san_fast.load` imports the model on first use, so `import san_fast` (done by every
+    # submodule and by the kernels) stays cheap.
+    if name == "load":
+        from san_fast.api import load
+
+        return load
+    raise AttributeError(f"module 'san_fast' has no attribute {name!r}")

@@ -1,15 +1,20 @@
-"""Table 5 of the paper on any dataset: the full model against each ablation switch.
+"""The paper's ablation tables on any dataset.
 
-    python -m san_fast.ablation --out runs/ablation [any train.py flag, e.g. --epochs 4]
+    python -m san_fast.ablation --out runs/ablation [--table 5|4] [any train.py flag, e.g. --epochs 4]
 
-Runs one training per row with the same flags and seed, then writes ablation.md (a Markdown
-table) and ablation.json into --out and prints the table.
+Table 5 (the default): the full model against each ablation switch. Table 4: the backbones, the
+pixel-wise encoder ("Enc.": ResNet18, UNet, 3x3 Conv, with the ViT-6 generator) and the
+semantic-wise generator ("Dec.": ResNet18, UNet, ViT-4, ViT-6, with the 3x3 Conv encoder); the
+3x3 Conv + ViT-6 run is the paper's model and fills one cell of each row. Runs one training per
+distinct model with the same flags and seed, then writes ablation.md (a Markdown table) and
+ablation.json into --out and prints the table.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 from san_fast.config import build_parser, resolve
 from san_fast.engine import run
@@ -24,6 +29,26 @@ ROWS = (
     ("full model", {}),
 )
 
+# Table 4: one training per distinct model; the paper's model first.
+TABLE4_RUNS = (
+    ("3x3 Conv encoder, ViT-6 generator", {"encoder": "conv3x3", "generator": "vit", "vit_depth": 6}),
+    ("ResNet18 encoder", {"encoder": "resnet18", "generator": "vit", "vit_depth": 6}),
+    ("UNet encoder", {"encoder": "unet", "generator": "vit", "vit_depth": 6}),
+    ("ResNet18 generator", {"encoder": "conv3x3", "generator": "resnet18"}),
+    ("UNet generator", {"encoder": "conv3x3", "generator": "unet"}),
+    ("ViT-4 generator", {"encoder": "conv3x3", "generator": "vit", "vit_depth": 4}),
+)
+TABLE4_COLUMNS = ("ResNet18", "UNet", "3x3 Conv", "ViT-4", "ViT-6")
+TABLE4_CELLS = {  # (row, column) -> run; the paper leaves the other cells empty
+    ("Enc.", "ResNet18"): "ResNet18 encoder",
+    ("Enc.", "UNet"): "UNet encoder",
+    ("Enc.", "3x3 Conv"): TABLE4_RUNS[0][0],
+    ("Dec.", "ResNet18"): "ResNet18 generator",
+    ("Dec.", "UNet"): "UNet generator",
+    ("Dec.", "ViT-4"): "ViT-4 generator",
+    ("Dec.", "ViT-6"): TABLE4_RUNS[0][0],
+}
+
 
 def markdown_table(results: list[tuple[str, dict]], num_semantics: int) -> str:
     lines = ["| model | pixel acc | mIoU | clusters used (of %d) |" % num_semantics,
@@ -34,29 +59,54 @@ def markdown_table(results: list[tuple[str, dict]], num_semantics: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> None:
-    parser = build_parser()
-    parser.prog = "python -m san_fast.ablation"
-    args = vars(parser.parse_args(argv))
-    out = Path(args.pop("out") or "runs/ablation")
+def table4_markdown(scores: dict[str, dict]) -> str:
+    """The paper's layout: rows Enc. and Dec., cells "pixel acc / mIoU" in percent."""
+    lines = ["| | " + " | ".join(TABLE4_COLUMNS) + " |", "| --- |" + " ---: |" * len(TABLE4_COLUMNS)]
+    for row in ("Enc.", "Dec."):
+        cells = []
+        for column in TABLE4_COLUMNS:
+            run_name = TABLE4_CELLS.get((row, column))
+            s = scores.get(run_name) if run_name else None
+            cells.append(f"{100 * s['acc']:.1f} / {100 * s['miou']:.1f}" if s else "-")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nCells: pixel acc / mIoU (%).\n"
+
+
+def run_rows(rows, args: dict, out: Path, baseline_row: Optional[int]) -> tuple[list, Optional[dict]]:
+    """One training per (name, switches) row, each in its own folder under ``out``; the k-means
+    baseline (which does not depend on the model) is fitted once, with row ``baseline_row``."""
     results: list[tuple[str, dict]] = []
     baseline = None
-    for index, (name, switches) in enumerate(ROWS):
+    for index, (name, switches) in enumerate(rows):
         flags = dict(args, **switches)
         flags["out"] = str(out / name.replace(" ", "_").replace("/", "").replace(",", ""))
-        # The k-means baseline does not depend on the model: fit it once, with the full model.
-        flags["no_baseline"] = index != len(ROWS) - 1
+        flags["no_baseline"] = index != baseline_row
         print(f"\n=== {name} ===", file=sys.stderr)
         result = run(resolve(flags))
         results.append((name, result["san"]))
         baseline = result.get("baseline", baseline)
-    cfg = resolve(dict(args))
-    if baseline is not None:
-        results.append(("k-means on pixels (baseline)", baseline))
-    table = markdown_table(results, cfg.semantics())
-    atomic_write_text(out / "ablation.md", table)
+    return results, baseline
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    parser.prog = "python -m san_fast.ablation"
+    parser.add_argument("--table", type=int, choices=(4, 5), default=5,
+                        help="5: the ablation switches (default); 4: encoder and generator backbones")
+    args = vars(parser.parse_args(argv))
+    out = Path(args.pop("out") or "runs/ablation")
+    table = args.pop("table")
+    if table == 4:
+        results, _ = run_rows(TABLE4_RUNS, args, out, baseline_row=None)
+        text = table4_markdown(dict(results))
+    else:
+        results, baseline = run_rows(ROWS, args, out, baseline_row=len(ROWS) - 1)
+        if baseline is not None:
+            results.append(("k-means on pixels (baseline)", baseline))
+        text = markdown_table(results, resolve(dict(args)).semantics())
+    atomic_write_text(out / "ablation.md", text)
     atomic_write_json(out / "ablation.json", {name: scores for name, scores in results})
-    print(table)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -1,202 +1,172 @@
-"""The whole training run: data, model, optimisation, evaluation, and the files a run leaves."""
+"""A whole run: checks, data, model, training (san_fast/trainer.py), evaluation, the run folder.
+
+Everything that can be refused is refused before any work and before anything is written:
+flags (Config.validate), the batch split over ranks, the --resume checkpoint, the --out folder,
+the dataset layout and every data file. Then rank 0 locks the run folder, and the run trains,
+evaluates and writes its files (rank 0 only).
+"""
 
 from __future__ import annotations
 
-import math
-import time
-from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from san_fast import ops
 from san_fast.baseline import kmeans_pixel_baseline
-from san_fast.config import Config
+from san_fast.checkpoint import check_compatible, load_checkpoint, load_model_state
+from san_fast.config import Config, ConfigError
 from san_fast.data import build_dataset
+from san_fast.data._io import cache_root_of
 from san_fast.data.labels import class_names
 from san_fast.data.synthetic import class_names as synthetic_class_names
 from san_fast.data.transforms import protocol_description
-from san_fast.io_utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from san_fast.data.verify import verify_dataset
+from san_fast.distributed import DistEnv, all_gather_objects, on_main, setup, teardown
+from san_fast.evaluation import evaluate
+from san_fast.io_utils import atomic_write_json, atomic_write_text
+from san_fast.loader import train_loader, val_loader
 from san_fast.metrics import UnsupervisedMetrics
 from san_fast.model import SAN
-from san_fast.runtime import Runtime, build_runtime, seed_everything
+from san_fast.model.sync_batchnorm import convert_batchnorm
+from san_fast.run_folder import CONFIG, METRICS, RunFolder
+from san_fast.runtime import Runtime, build_runtime, derive_seed, seed_everything
+from san_fast.train_step import LossSums, TrainStep, build_optimizer, wrap_objective
+from san_fast.trainer import Trainer, config_json
 from san_fast.viz import save_loss_curve, save_prediction_grid
 
-
-def make_loader(cfg: Config, dataset: Dataset, train: bool, runtime: Runtime) -> DataLoader:
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        # A ragged last batch would skew the batch-wise descriptor and BatchNorm statistics.
-        drop_last=train and len(dataset) >= cfg.batch_size,
-        num_workers=cfg.num_workers,
-        pin_memory=runtime.device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0,
-        generator=generator,
-    )
-
-
-@torch.no_grad()
-def evaluate(model: SAN, loader: DataLoader, runtime: Runtime, num_classes: int,
-             num_vis: int = 0, desc: str = "eval") -> tuple[dict, dict]:
-    """Hungarian-matched scores over the whole loader, and a few (image, label, pred) to show."""
-    was_training = model.training
-    model.eval()
-    metrics = UnsupervisedMetrics(model.num_semantics, num_classes)
-    shown: dict[str, list[torch.Tensor]] = {"images": [], "targets": [], "preds": []}
-    count = 0
-    for images, targets in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        with runtime.autocast():
-            pred = model.predict(runtime.prepare(images))
-        metrics.update(pred, targets.to(runtime.device, non_blocking=True))
-        if count < num_vis:
-            take = min(num_vis - count, images.shape[0])
-            shown["images"].append(images[:take].cpu())
-            shown["targets"].append(targets[:take].cpu())
-            shown["preds"].append(pred[:take].cpu())
-            count += take
-    model.train(was_training)
-    return metrics.compute(), {k: torch.cat(v) for k, v in shown.items() if v}
-
-
-def _log_line(epoch: int, means: dict[str, float], scores: Optional[dict]) -> str:
-    parts = [f"epoch {epoch}"] + [f"{k} {v:.4f}" for k, v in means.items()]
-    if scores is not None:
-        parts += [f"val acc {scores['acc']:.4f}", f"mIoU {scores['miou']:.4f}",
-                  f"clusters used {scores['clusters_used']}"]
-    return " | ".join(parts)
+DEVICE_AUGMENT_STREAM = 2  # derive_seed purpose tag: each rank's on-device colour augmentation
 
 
 def run(cfg: Config) -> dict:
-    """Train SAN as configured, evaluate it and the k-means baseline, write the run folder."""
-    seed_everything(cfg.seed)
-    runtime = build_runtime(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", cfg.to_json())
+    """Train SAN as configured, evaluate it and the k-means baseline, write the run folder.
+    Under torchrun every process calls this; rank 0 writes the files."""
+    cfg.validate().check_paths()
+    env = setup(cfg)
+    try:
+        return _run(cfg, env)
+    finally:
+        teardown(env)
 
+
+def _run(cfg: Config, env: DistEnv) -> dict:
+    runtime = build_runtime(cfg, env.device)
+    ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
+    resume = _resume_state(cfg) if cfg.resume else None
+    folder = RunFolder(cfg.out, cfg.resume, cfg.overwrite)
+    folder.check()
     train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    train_loader = make_loader(cfg, train_set, True, runtime)
-    val_loader = make_loader(cfg, val_set, False, runtime)
-    num_classes = cfg.num_classes()
+    _check_split_size(cfg, env, train_set)
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        verify_dataset(dataset, split, cache_root_of(cfg) if cfg.data_root else None, cfg.num_workers,
+                       env.is_main, env.rank, env.world_size, lambda obj: all_gather_objects(obj, env))
+    on_main(folder.acquire, env)
+    try:
+        return _train(cfg, env, runtime, folder, train_set, val_set, resume)
+    finally:
+        folder.release()
 
-    seat_impl = ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
+
+def _resume_state(cfg: Config) -> dict:
+    state = load_checkpoint(cfg.resume, map_location="cpu")
+    check_compatible(cfg, state, cfg.resume)
+    return state
+
+
+def _check_split_size(cfg: Config, env: DistEnv, train_set: Dataset) -> None:
+    per_rank = cfg.batch_size // env.world_size
+    if len(train_set) // env.world_size < per_rank:
+        raise ConfigError(f"the training split has {len(train_set)} images, fewer than one global batch "
+                          f"(--batch-size {cfg.batch_size}): lower --batch-size")
+
+
+def build_model(cfg: Config, runtime: Runtime, env: DistEnv) -> tuple[SAN, str]:
+    """SAN on the device (same initial weights on every rank), and its attention backend."""
+    seed_everything(cfg.seed)
     model = SAN(cfg).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     backend = model.set_attention_backend(cfg.attn, runtime.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = torch.compile(model.losses) if cfg.compile else model.losses
-    params = sum(p.numel() for p in model.parameters())
-    print(f"san_fast: {cfg.dataset} ({len(train_set)} train / {len(val_set)} val images, "
-          f"{num_classes} classes) | SAN {params / 1e6:.2f}M params, P={cfg.embed_dim}, "
-          f"N={cfg.semantics()}, encoder {cfg.encoder}, ViT-{cfg.vit_depth} | device {runtime.device}, "
-          f"amp {runtime.amp_dtype or 'off'}, attention {backend}, SEAT {seat_impl}, "
-          f"compile {cfg.compile} | run folder {out}")
+    if env.enabled:
+        convert_batchnorm(model, runtime.device)
+    return model, backend
 
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    epochs = math.ceil(total_steps / max(steps_per_epoch, 1))
-    history: dict[str, list[float]] = {}
-    step, images_seen, train_time, scores, first_epoch = 0, 0, 0.0, None, 1
-    if cfg.resume:
-        state = torch.load(cfg.resume, map_location=runtime.device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, first_epoch = state["step"], state["history"], state["epoch"] + 1
-        print(f"resumed from {cfg.resume}: epoch {state['epoch']}, step {step}")
-    model.train()
-    for epoch in range(first_epoch, epochs + 1):
-        sums: dict[str, float] = {}
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", dynamic_ncols=True,
-                   total=min(steps_per_epoch, total_steps - step))
-        tic = time.perf_counter()
-        for images, _ in bar:
-            x = runtime.prepare(images, cfg.color_jitter, cfg.color_drop)
-            with runtime.autocast():
-                terms, q, gamma = loss_fn(x)
-            optimizer.zero_grad(set_to_none=True)
-            if runtime.scaler is not None:
-                runtime.scaler.scale(terms["loss"]).backward()
-                runtime.scaler.step(optimizer)
-                runtime.scaler.update()
-            else:
-                terms["loss"].backward()
-                optimizer.step()
-            step += 1
-            seen += 1
-            images_seen += images.shape[0]
-            values = {k: float(v.detach()) for k, v in terms.items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite loss at step {step}: {values}")
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if step % 10 == 1 or seen == 1:
-                # Collapse indicator: how many of the N semantics win at least one pixel.
-                labels = ops.seat_labels(q.detach(), gamma.detach(), impl=cfg.seat_impl)
-                used = int(torch.unique(labels).numel())
-                history.setdefault("clusters_used", []).append(used)
-            # Q is as large as the op's input: drop it now, not when the next step rebinds it.
-            del q, gamma
-            bar.set_postfix(loss=f"{values['loss']:.4f}", used=f"{used}/{cfg.semantics()}")
-            if step >= total_steps:
-                break
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize(runtime.device)
-        train_time += time.perf_counter() - tic
-        means = {k: v / max(seen, 1) for k, v in sums.items()}
-        for k, v in means.items():
-            history.setdefault(k, []).append(v)
-        last = epoch == epochs
-        scores = None
-        if last or epoch % cfg.eval_every == 0:
-            scores, _ = evaluate(model, val_loader, runtime, num_classes, desc=f"eval epoch {epoch}")
-            history.setdefault("val_acc", []).append(scores["acc"])
-            history.setdefault("val_miou", []).append(scores["miou"])
-        tqdm.write(_log_line(epoch, means, scores))
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                           "epoch": epoch, "step": step, "config": cfg.to_dict(), "history": history},
-                          out / "checkpoint.pt")
 
-    scores, shown = evaluate(model, val_loader, runtime, num_classes, num_vis=cfg.num_vis, desc="final eval")
-    names = class_names(cfg.dataset)
-    names = list(names) if names is not None else synthetic_class_names(num_classes)
-    result = {
-        "dataset": cfg.dataset,
-        "num_classes": num_classes,
-        "num_semantics": cfg.semantics(),
-        "protocol": protocol_description(cfg),
-        "san": scores,
-        "train": {"steps": step, "seconds": round(train_time, 2),
-                  "images_per_second": round(images_seen / max(train_time, 1e-9), 2),
-                  "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"),
-                  "attention": backend, "compile": cfg.compile},
-        "class_names": names,
-        "history": history,
-    }
-    if cfg.baseline:
-        result["baseline"] = kmeans_pixel_baseline(train_set, val_set, cfg.semantics(),
-                                                   num_classes=num_classes, seed=cfg.seed)
-    atomic_write_json(out / "metrics.json", result)
-    if shown:
-        save_prediction_grid(out / "predictions.png", shown["images"], shown["targets"], shown["preds"],
-                             class_names=names, assignment=scores["assignment"])
-    save_loss_curve(out / "curves.png", {k: v for k, v in history.items() if k != "clusters_used"},
-                    xlabel="epoch")
-    print(summary_table(result))
-    print(f"wrote {out / 'config.json'}, {out / 'metrics.json'}, {out / 'checkpoint.pt'}, "
-          f"{out / 'predictions.png'}, {out / 'curves.png'}")
+def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, train_set: Dataset,
+           val_set: Dataset, resume: Optional[dict]) -> dict:
+    model, backend = build_model(cfg, runtime, env)
+    if resume is not None:
+        load_model_state(model, resume, cfg.resume)
+    optimizer = build_optimizer(model, cfg, announce=env.is_main)
+    # Each rank's own reproducible stream for the on-device colour augmentation.
+    torch.manual_seed(derive_seed(cfg.seed, DEVICE_AUGMENT_STREAM, env.rank))
+    step = TrainStep(wrap_objective(model, cfg, env), model, optimizer, runtime, cfg, env,
+                     LossSums(runtime.device))
+    vals = val_loader(cfg, val_set, env, runtime)
+    num_classes = cfg.num_classes()
+
+    def score(num_vis: int, desc: str) -> tuple[dict, dict]:
+        metrics = UnsupervisedMetrics(cfg.semantics(), num_classes)
+        return evaluate(model, vals, runtime, metrics, env, num_vis=num_vis, desc=desc)
+
+    record = env.record(cfg.batch_size)
+    trainer = Trainer(cfg, env, step, train_loader(cfg, train_set, env, runtime), folder, score, record)
+    if resume is not None:
+        trainer.restore(resume, cfg.resume)
+    on_main(lambda: atomic_write_text(folder.file(CONFIG), config_json(cfg, record)), env)
+    if env.is_main:
+        print(_banner(cfg, env, runtime, model, backend, optimizer, len(train_set), len(val_set)))
+    scores, shown, history = trainer.fit()
+    train = {"steps": trainer.progress.step, **trainer.clock.summary(trainer.images),
+             "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"), "attention": backend,
+             "compile": cfg.compile, "optimizer": "adam-fused" if step.fused else "adam-foreach",
+             "distributed": record}
+    result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),
+              "protocol": protocol_description(cfg), "san": scores, "train": train,
+              "class_names": _class_names(cfg), "history": history}
+    if env.is_main:
+        _report(cfg, folder, result, shown, train_set, val_set)
     return result
 
 
-def summary_table(result: dict) -> str:
+def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: str, optimizer, n_train: int,
+            n_val: int) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    fused = "fused" if optimizer.defaults.get("fused") else "foreach"
+    procs = (f"{env.world_size} processes ({env.backend}), {cfg.batch_size // env.world_size} images each"
+             if env.enabled else "1 process")
+    return (f"san_fast: {cfg.dataset} ({n_train} train / {n_val} val images, {cfg.num_classes()} classes) | "
+            f"SAN {params / 1e6:.2f}M params, P={cfg.embed_dim}, N={cfg.semantics()}, encoder {cfg.encoder}, "
+            f"ViT-{cfg.vit_depth} | device {runtime.device}, amp {runtime.amp_dtype or 'off'}, attention "
+            f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, compile {cfg.compile}, "
+            f"Adam {fused} | {procs} | run folder {cfg.out}")
+
+
+def _class_names(cfg: Config) -> list[str]:
+    names = class_names(cfg.dataset)
+    return list(names) if names is not None else synthetic_class_names(cfg.num_classes())
+
+
+def _report(cfg: Config, folder: RunFolder, result: dict, shown: dict, train_set: Dataset,
+            val_set: Dataset) -> None:
+    """Rank 0: the baseline, metrics.json, the pictures, the table."""
+    if cfg.baseline:
+        result["baseline"] = kmeans_pixel_baseline(train_set, val_set, cfg.semantics(),
+                                                   num_classes=result["num_classes"], seed=cfg.seed)
+    atomic_write_json(folder.file(METRICS), result)
+    if shown:
+        save_prediction_grid(folder.file("predictions.png"), shown["images"], shown["targets"], shown["preds"],
+                             class_names=result["class_names"], assignment=result["san"]["assignment"])
+    history = result["history"]
+    save_loss_curve(folder.file("curves.png"), {k: v for k, v in history.items() if k != "clusters_used"},
+                    xlabel="epoch")
+    print(summary_table(result))
+    print("wrote " + ", ".join(str(folder.file(n)) for n in
+                               (CONFIG, METRICS, "checkpoint.pt", "predictions.png", "curves.png")))
+
+
+def summary_table(result: dict[str, Any]) -> str:
     rows = [("SAN", result["san"])]
     if "baseline" in result:
         rows.append(("k-means on pixels", result["baseline"]))

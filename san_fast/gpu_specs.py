@@ -25,6 +25,13 @@ class GPUSpec:
     matmul_flops: dict  # achievable dense matmul FLOP/s by operand dtype ("bf16", "fp16", "tf32", "fp32")
     vector_flops: float  # achievable non-tensor-core fp32 FLOP/s (elementwise, reductions)
     bf16: bool  # native bf16 support (V100 has none)
+    # Assumed, not measured here: bytes per second between L2 and the SMs on hits. Only the
+    # traffic model's informational L2 column uses it (san_fast.kernels.traffic).
+    l2_hit_bytes_per_s: float = 0.0
+
+    def __hash__(self) -> int:
+        # Hashable despite the dict field, so launch plans can be cached per GPU.
+        return hash((self.name, self.sms, self.l2_bytes, self.hbm_bytes_per_s, tuple(sorted(self.matmul_flops.items()))))
 
     def matmul_rate(self, dtype: torch.dtype, allow_tf32: bool = False) -> float:
         key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
@@ -40,16 +47,17 @@ GPUS: dict[str, GPUSpec] = {
     "H100": GPUSpec(
         "H100 SXM", sms=132, l2_bytes=50 * _MiB, smem_per_sm_bytes=228 * 1024, hbm_bytes_per_s=3.0e12,
         matmul_flops={"bf16": 700e12, "fp16": 700e12, "tf32": 350e12, "fp32": 50e12}, vector_flops=50e12,
-        bf16=True,
+        bf16=True, l2_hit_bytes_per_s=7.0e12,
     ),
     "A100": GPUSpec(
         "A100 SXM 80GB", sms=108, l2_bytes=40 * _MiB, smem_per_sm_bytes=164 * 1024, hbm_bytes_per_s=1.75e12,
         matmul_flops={"bf16": 220e12, "fp16": 220e12, "tf32": 110e12, "fp32": 14e12}, vector_flops=14e12,
-        bf16=True,
+        bf16=True, l2_hit_bytes_per_s=4.5e12,
     ),
     "V100": GPUSpec(
         "V100 SXM2", sms=80, l2_bytes=6 * _MiB, smem_per_sm_bytes=96 * 1024, hbm_bytes_per_s=0.8e12,
         matmul_flops={"fp16": 90e12, "fp32": 11e12}, vector_flops=11e12, bf16=False,
+        l2_hit_bytes_per_s=2.2e12,
     ),
 }
 
@@ -71,4 +79,4 @@ def spec_for_device(device: torch.device) -> GPUSpec:
     base = GPUS[key]
     return GPUSpec(props.name, props.multi_processor_count, getattr(props, "L2_cache_size", base.l2_bytes),
                    base.smem_per_sm_bytes, base.hbm_bytes_per_s, base.matmul_flops, base.vector_flops,
-                   props.major >= 8)
+                   props.major >= 8, base.l2_hit_bytes_per_s)

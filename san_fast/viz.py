@@ -1,24 +1,32 @@
-"""Pictures of a run, drawn with PIL only: prediction grids and loss curves.
+"""Pictures of a run and of predictions, drawn with matplotlib: prediction grids, loss curves,
+confusion matrices and overlays, plus the label palette and indexed-PNG masks.
 
-Both are written atomically, so a viewer refreshing the run folder never shows a torn PNG.
+Figures are built on matplotlib's object API (``Figure`` + the Agg canvas), not pyplot, so no
+global figure state or GUI backend is involved. Each is rendered once to pixels, and those
+pixels are both returned (for TensorBoard) and written atomically (a viewer refreshing the run
+folder never shows a torn PNG).
 """
 
 from __future__ import annotations
 
 import colorsys
-import math
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from san_fast.io_utils import PathLike, atomic_save_image
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 # Hand-picked, mutually distinct colours (after Trubetskoy's list), none close to black, which
-# marks ignored pixels, nor to white, the background of the pictures.
+# marks ignored pixels, nor to white. matplotlib's qualitative maps stop at 20 colours; the
+# datasets here have up to 27 classes.
 _BASE_PALETTE = np.array([
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (67, 99, 216), (245, 130, 49),
     (145, 30, 180), (66, 212, 244), (240, 50, 230), (191, 239, 69), (250, 190, 212),
@@ -27,12 +35,9 @@ _BASE_PALETTE = np.array([
     (0, 128, 255), (255, 105, 180), (0, 100, 0), (255, 160, 0), (100, 60, 160),
     (0, 190, 160), (200, 80, 40), (120, 170, 255), (180, 0, 90), (110, 110, 110),
 ], dtype=np.uint8)
-# Curves need dark, saturated colours to read on white (the label palette has pale ones).
-_CURVE_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
-                  (140, 86, 75), (227, 119, 194), (100, 100, 100), (23, 170, 190))
-_BACKGROUND = (255, 255, 255)
-_INK = (20, 20, 20)
-_MIN_TILE = 128  # small crops are enlarged (nearest neighbour) to about this many pixels
+_DPI = 100
+_TILE_INCHES = 1.9  # one panel of the prediction grid, whatever the crop size
+_FONT = 9
 
 
 def label_palette(n: int) -> np.ndarray:
@@ -56,7 +61,7 @@ def _numpy(x: ArrayLike) -> np.ndarray:
 
 
 def colorize(labels: ArrayLike, num_colors: Optional[int] = None,
-             ignore_index: int = 255) -> np.ndarray:
+             ignore_index: int = 255, palette: Optional[np.ndarray] = None) -> np.ndarray:
     """(H, W) integer labels -> (H, W, 3) uint8 colours; ``ignore_index`` is black."""
     labels = _numpy(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
@@ -69,62 +74,80 @@ def colorize(labels: ArrayLike, num_colors: Optional[int] = None,
     if valid.size and valid.min() < 0:
         raise ValueError(f"labels must be >= 0 or ignore_index={ignore_index}, found {valid.min()}")
     n = max(num_colors or 0, int(valid.max()) + 1 if valid.size else 0)
-    out = label_palette(max(n, 1))[np.where(ignored, 0, labels)]
+    if palette is None:
+        palette = label_palette(max(n, 1))
+    elif len(palette) < n:
+        raise ValueError(f"palette has {len(palette)} colours, labels need {n}")
+    out = np.asarray(palette, dtype=np.uint8)[np.where(ignored, 0, labels)]
     out[ignored] = 0
     return out
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: only the fixed bitmap font
-        return ImageFont.load_default()
+def rgb_view(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) uint8 with C in 1, 3, 4 -> (H, W, 3) for display: gray is repeated and the
+    4th band (Potsdam's infrared) is left out, so pictures always show the RGB channels."""
+    if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+        raise ValueError(f"expected a (C, H, W) image with C in 1, 3, 4, got {image.shape}")
+    rgb = np.repeat(image, 3, axis=0) if image.shape[0] == 1 else image[:3]
+    return np.ascontiguousarray(rgb.transpose(1, 2, 0))
 
 
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
+def _legend_handles(names: Sequence[str], colours: np.ndarray) -> list[Patch]:
+    return [Patch(facecolor=np.asarray(c) / 255.0, edgecolor="0.2", label=name)
+            for name, c in zip(names, colours)]
 
 
-def _legend(names: Sequence[str], colours: np.ndarray, width: int, font) -> Image.Image:
-    """Swatch + name entries, wrapped into rows that fit ``width``."""
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    swatch, gap, line_h = 12, 14, 18
-    rows, row, x = [], [], 0
-    for i, name in enumerate(names):
-        w = swatch + 4 + _text_size(probe, name, font)[0]
-        if row and x + w > width:
-            rows.append(row)
-            row, x = [], 0
-        row.append((i, name, x))
-        x += w + gap
-    if row:
-        rows.append(row)
-    legend = Image.new("RGB", (width, 6 + line_h * len(rows)), _BACKGROUND)
-    draw = ImageDraw.Draw(legend)
-    for r, entries in enumerate(rows):
-        y = 4 + r * line_h
-        for i, name, x in entries:
-            fill = tuple(int(c) for c in colours[i])
-            draw.rectangle([x, y + 1, x + swatch, y + 1 + swatch], fill=fill, outline=_INK)
-            draw.text((x + swatch + 4, y), name, fill=_INK, font=font)
-    return legend
+def render(fig: Figure) -> np.ndarray:
+    """The figure's pixels, (H, W, 3) uint8."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def _save(path: PathLike, fig: Figure) -> np.ndarray:
+    pixels = render(fig)
+    atomic_save_image(path, Image.fromarray(pixels))
+    return pixels
 
 
 def save_prediction_grid(path: PathLike, images: ArrayLike, targets: ArrayLike, preds: ArrayLike,
                          class_names: Optional[Sequence[str]] = None,
                          assignment: Optional[Sequence[int]] = None,
-                         ignore_index: int = 255) -> Image.Image:
+                         ignore_index: int = 255) -> np.ndarray:
+    """``prediction_grid_figure`` written to ``path``; returns its pixels."""
+    return _save(path, prediction_grid_figure(images, targets, preds, class_names, assignment,
+                                              ignore_index))
+
+
+def _grid_legend(class_names: Sequence[str], targets: np.ndarray, preds: Optional[np.ndarray],
+                 palette: np.ndarray, ignored: bool) -> list[Patch]:
+    # Only the classes that appear: 27 entries for six small crops would hide the picture.
+    # Unmatched predictions are cluster ids, not classes: then the legend names the targets.
+    shown = np.unique(targets) if preds is None else np.union1d(np.unique(targets), np.unique(preds))
+    shown = shown.astype(int)
+    names = [class_names[i] if i < len(class_names) else f"class {i}" for i in shown]
+    handles = _legend_handles(names, palette[shown])
+    if ignored:
+        handles.append(Patch(facecolor="black", edgecolor="0.2", label="ignored"))
+    return handles
+
+
+def prediction_grid_figure(images: ArrayLike, targets: ArrayLike, preds: ArrayLike,
+                           class_names: Optional[Sequence[str]] = None,
+                           assignment: Optional[Sequence[int]] = None,
+                           ignore_index: int = 255) -> Figure:
     """One row per image: the image, its ground truth, the prediction.
 
-    ``images``: uint8 (B, 3, H, W); ``targets``: (B, H, W) class ids (``ignore_index`` black);
-    ``preds``: (B, H, W) cluster ids, mapped through ``assignment`` (cluster -> class, from
-    ``UnsupervisedMetrics.compute()``) so matched clusters take their class's colour. Without an
-    assignment the raw cluster ids are coloured. Returns the picture it wrote.
+    ``images``: uint8 (B, C, H, W), C in 1, 3, 4 (RGB is shown); ``targets``: (B, H, W) class
+    ids (``ignore_index`` black); ``preds``: (B, H, W) cluster ids, mapped through
+    ``assignment`` (cluster -> class, from ``UnsupervisedMetrics.compute()``) so matched
+    clusters take their class's colour. Without an assignment the raw cluster ids are coloured.
+    With ``class_names`` a legend names the classes shown.
     """
     images, targets, preds = _numpy(images), _numpy(targets), _numpy(preds)
-    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (B, 3, H, W), got {images.dtype} {images.shape}")
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4) or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 (B, C, H, W) with C in 1, 3, 4, got "
+                         f"{images.dtype} {images.shape}")
     b, _, h, w = images.shape
     if targets.shape != (b, h, w) or preds.shape != (b, h, w):
         raise ValueError(f"targets and preds must be (B, H, W) = {(b, h, w)}, got "
@@ -138,137 +161,179 @@ def save_prediction_grid(path: PathLike, images: ArrayLike, targets: ArrayLike, 
     valid_targets = targets[targets != ignore_index]
     n = max(len(class_names or ()), int(preds.max(initial=-1)) + 1,
             int(valid_targets.max(initial=-1)) + 1, 1)
+    palette = label_palette(n)
 
-    scale = max(1, math.ceil(_MIN_TILE / max(h, w)))
-    tw, th, pad = w * scale, h * scale, 6
-    font = _font()
-    titles = ["image", "ground truth", "prediction" if assignment is not None else "clusters"]
-    header_h = 22
-    width = pad + 3 * (tw + pad)
-    legend = _legend(class_names, label_palette(n), width - 2 * pad, font) if class_names else None
-    height = header_h + b * (th + pad) + (legend.height + pad if legend else 0)
-
-    canvas = Image.new("RGB", (width, height), _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for c, title in enumerate(titles):
-        tx = pad + c * (tw + pad) + (tw - _text_size(draw, title, font)[0]) // 2
-        draw.text((tx, 5), title, fill=_INK, font=font)
+    handles = (_grid_legend(class_names, valid_targets, preds if assignment is not None else None,
+                            palette, bool((targets == ignore_index).any()))
+               if class_names else [])
+    legend_rows = -(-len(handles) // 4)
+    legend_in = 0.3 + 0.22 * legend_rows if legend_rows else 0.0
+    fig = Figure(figsize=(3 * _TILE_INCHES, b * _TILE_INCHES + 0.35 + legend_in), dpi=_DPI,
+                 layout="constrained")
+    axes = fig.subplots(b, 3, squeeze=False)
+    titles = ("image", "ground truth", "prediction" if assignment is not None else "clusters")
     for i in range(b):
-        tiles = [images[i].transpose(1, 2, 0), colorize(targets[i], n, ignore_index),
-                 colorize(preds[i], n, ignore_index)]
-        y = header_h + i * (th + pad)
+        tiles = (rgb_view(images[i]), colorize(targets[i], n, ignore_index, palette),
+                 colorize(preds[i], n, ignore_index, palette))
         for c, tile in enumerate(tiles):
-            pic = Image.fromarray(np.ascontiguousarray(tile)).resize((tw, th), Image.NEAREST)
-            canvas.paste(pic, (pad + c * (tw + pad), y))
-    if legend:
-        canvas.paste(legend, (pad, header_h + b * (th + pad)))
-    atomic_save_image(path, canvas)
-    return canvas
-
-
-def _nice_step(span: float, ticks: int) -> float:
-    """A 1, 2 or 5 times a power of ten step giving about ``ticks`` intervals over ``span``."""
-    raw = span / max(ticks, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
-
-
-def _format_tick(value: float, step: float) -> str:
-    if abs(value) >= 1e5 or (value != 0 and abs(value) < 1e-3):
-        return f"{value:.2g}"
-    decimals = max(0, -math.floor(math.log10(step))) if step < 1 else 0
-    return f"{value:.{decimals}f}"
-
-
-def _bucket(values: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    """x positions and values, averaged into at most ``limit`` buckets (NaN-aware)."""
-    x = np.arange(len(values), dtype=np.float64)
-    if len(values) <= limit:
-        return x, values
-    edges = np.linspace(0, len(values), limit + 1).astype(int)
-    xs = np.array([x[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
-    with np.errstate(all="ignore"):
-        vs = np.array([np.nanmean(values[a:b]) if np.isfinite(values[a:b]).any() else np.nan
-                       for a, b in zip(edges[:-1], edges[1:])])
-    return xs, vs
-
-
-def _panel(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], name: str,
-           values: Sequence[float], colour: tuple[int, int, int], xlabel: str, font) -> None:
-    left, top, right, bottom = box
-    draw.text((left, top - 18), name, fill=_INK, font=font)
-    draw.line([(left, top), (left, bottom), (right, bottom)], fill=_INK, width=1)
-    values = np.asarray(values, dtype=np.float64)
-    values[~np.isfinite(values)] = np.nan
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        draw.text((left + 10, (top + bottom) // 2), "no finite values", fill=_INK, font=font)
-        return
-    xs, vs = _bucket(values, right - left)
-
-    lo, hi = float(finite.min()), float(finite.max())
-    if hi - lo < 1e-12:
-        lo, hi = lo - max(abs(lo), 1.0) * 0.05, hi + max(abs(hi), 1.0) * 0.05
-    step = _nice_step(hi - lo, 4)
-    lo, hi = math.floor(lo / step) * step, math.ceil(hi / step) * step
-    x_max = max(len(values) - 1, 1)
-
-    def px(x: float, v: float) -> tuple[float, float]:
-        return (left + (right - left) * x / x_max, bottom - (bottom - top) * (v - lo) / (hi - lo))
-
-    for k in range(int(round((hi - lo) / step)) + 1):
-        v = lo + k * step
-        _, y = px(0, v)
-        draw.line([(left - 4, y), (left, y)], fill=_INK)
-        draw.line([(left + 1, y), (right, y)], fill=(225, 225, 225))
-        label = _format_tick(v, step)
-        tw, th = _text_size(draw, label, font)
-        draw.text((left - 7 - tw, y - th // 2 - 2), label, fill=_INK, font=font)
-    x_step = max(1, int(_nice_step(x_max, 6)))
-    for x in range(0, x_max + 1, x_step):
-        gx, _ = px(x, lo)
-        draw.line([(gx, bottom), (gx, bottom + 4)], fill=_INK)
-        label = str(x)
-        lx = gx - _text_size(draw, label, font)[0] / 2
-        draw.text((lx, bottom + 6), label, fill=_INK, font=font)
-    lx = right - _text_size(draw, xlabel, font)[0]
-    draw.text((lx, bottom + 20), xlabel, fill=_INK, font=font)
-
-    # Non-finite values break the line instead of being drawn as zeros.
-    segment: list[tuple[float, float]] = []
-    for x, v in list(zip(xs, vs)) + [(0.0, math.nan)]:
-        if math.isfinite(v):
-            segment.append(px(x, v))
-            continue
-        if len(segment) == 1:
-            sx, sy = segment[0]
-            draw.ellipse([sx - 2, sy - 2, sx + 2, sy + 2], fill=colour)
-        elif segment:
-            draw.line(segment, fill=colour, width=2)
-        segment = []
-    summary = f"last {finite[-1]:.4g}   min {finite.min():.4g}   max {finite.max():.4g}"
-    draw.text((right - _text_size(draw, summary, font)[0], top - 18), summary, fill=(90, 90, 90),
-              font=font)
+            ax = axes[i, c]
+            ax.imshow(tile, interpolation="nearest")
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(titles[c], fontsize=_FONT + 1)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)),
+                   fontsize=_FONT, frameon=False, handlelength=1.2, columnspacing=1.2)
+    return fig
 
 
 def save_loss_curve(path: PathLike, history: dict[str, Sequence[float]], xlabel: str = "step",
-                    title: Optional[str] = None) -> Image.Image:
-    """One line chart per series of ``history`` (name -> values by step), stacked vertically,
-    each with its own y axis, since losses of different terms live on different scales."""
+                    title: Optional[str] = None,
+                    x: Optional[dict[str, Sequence[float]]] = None) -> np.ndarray:
+    """``loss_curve_figure`` written to ``path``; returns its pixels."""
+    return _save(path, loss_curve_figure(history, xlabel, title, x))
+
+
+def loss_curve_figure(history: dict[str, Sequence[float]], xlabel: str = "step",
+                      title: Optional[str] = None,
+                      x: Optional[dict[str, Sequence[float]]] = None) -> Figure:
+    """One line chart per series of ``history``, each with its own y axis (loss terms live on
+    different scales). A series' i-th value is drawn at x = i + 1 (epoch 1 is the first epoch),
+    or at ``x[name]`` when given (e.g. the epochs at which validation ran). NaN breaks the line."""
     if not history:
         raise ValueError("history is empty: expected a dict of series name -> list of values")
-    font = _font()
-    plot_w, plot_h, margin_l, margin_r, gap = 520, 150, 70, 20, 64
-    title_h = 26 if title else 0
-    width = margin_l + plot_w + margin_r
-    height = title_h + len(history) * (plot_h + gap) + 10
-    canvas = Image.new("RGB", (width, height), _BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text(((width - _text_size(draw, title, font)[0]) // 2, 6), title, fill=_INK, font=font)
+    x = x or {}
+    cols = 2 if len(history) > 3 else 1
+    rows = -(-len(history) // cols)
+    fig = Figure(figsize=(5.2 * cols, 2.3 * rows + (0.4 if title else 0)), dpi=_DPI,
+                 layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for i, (name, values) in enumerate(history.items()):
-        top = title_h + 24 + i * (plot_h + gap)
-        box = (margin_l, top, margin_l + plot_w, top + plot_h)
-        _panel(draw, box, name, list(values), _CURVE_COLOURS[i % len(_CURVE_COLOURS)], xlabel, font)
-    atomic_save_image(path, canvas)
-    return canvas
+        ax = axes[i]
+        values = np.asarray(list(values), dtype=np.float64)
+        xs = np.asarray(x[name], dtype=np.float64) if name in x else np.arange(1, len(values) + 1)
+        if len(xs) != len(values):
+            raise ValueError(f"x[{name!r}] has {len(xs)} positions for {len(values)} values")
+        finite = np.isfinite(values)
+        ax.set_title(name if not finite.any() else f"{name}   (last {values[finite][-1]:.4g})",
+                     fontsize=_FONT + 1, loc="left")
+        if not finite.any():
+            ax.text(0.5, 0.5, "no finite values", ha="center", va="center",
+                    transform=ax.transAxes, color="0.4")
+        ax.plot(xs, values, color=f"C{i % 10}", linewidth=1.6,
+                marker="o" if len(values) <= 40 else None, markersize=3.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, color="0.9")
+        ax.tick_params(labelsize=_FONT)
+        ax.set_xlabel(xlabel, fontsize=_FONT)
+    for ax in axes[len(history):]:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=_FONT + 2)
+    return fig
+
+
+def save_confusion_matrix(path: PathLike, confusion: ArrayLike, class_names: Sequence[str],
+                          title: Optional[str] = None) -> np.ndarray:
+    """``confusion_figure`` written to ``path``; returns its pixels."""
+    return _save(path, confusion_figure(confusion, class_names, title))
+
+
+def confusion_figure(confusion: ArrayLike, class_names: Sequence[str],
+                     title: Optional[str] = None) -> Figure:
+    """The matched confusion matrix as ``UnsupervisedMetrics.compute()`` returns it (rows:
+    predicted class, i.e. clusters mapped through the Hungarian assignment; columns: ground
+    truth), drawn the usual way round: a row per ground-truth class, normalised to the
+    fraction of that class's pixels given to each predicted class, so the diagonal is the
+    per-class recall in the Hungarian order. Classes without pixels show an empty row."""
+    counts = _numpy(confusion).astype(np.float64)
+    n = len(class_names)
+    if counts.shape != (n, n):
+        raise ValueError(f"confusion must be ({n}, {n}) for {n} class names, got {counts.shape}")
+    by_truth = counts.T
+    totals = by_truth.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, by_truth / totals, np.nan)
+    side = max(4.5, 0.27 * n + 2.6)
+    fig = Figure(figsize=(side + 1.0, side), dpi=_DPI, layout="constrained")
+    ax = fig.subplots()
+    cmap = "Blues"
+    shown = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0.0, vmax=1.0)
+    ax.set_facecolor("0.85")  # rows of classes absent from the ground truth
+    fontsize = _FONT if n <= 15 else 7
+    ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right", rotation_mode="anchor",
+                  fontsize=fontsize)
+    rows = [name if total > 0 else f"{name} (no pixels)" for name, total in zip(class_names, totals[:, 0])]
+    ax.set_yticks(range(n), labels=rows, fontsize=fontsize)
+    ax.set_xlabel("predicted class (clusters after Hungarian matching)", fontsize=_FONT)
+    ax.set_ylabel("ground truth", fontsize=_FONT)
+    if n <= 15:  # numbers stay legible; above that the colour carries the information
+        for i in range(n):
+            for j in range(n):
+                if np.isfinite(share[i, j]):
+                    ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center",
+                            fontsize=fontsize - 1, color="white" if share[i, j] > 0.55 else "0.1")
+    bar = fig.colorbar(shown, ax=ax, shrink=0.8)
+    bar.set_label("fraction of the ground-truth class's pixels", fontsize=_FONT)
+    bar.ax.tick_params(labelsize=_FONT)
+    ax.set_title(title or "confusion matrix (row-normalised, % per row)", fontsize=_FONT + 1)
+    return fig
+
+
+def save_overlay(path: PathLike, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                 names: Sequence[str], alpha: float = 0.7, title: Optional[str] = None) -> np.ndarray:
+    """``overlay_figure`` written to ``path``; returns its pixels."""
+    return _save(path, overlay_figure(image, labels, palette, names, alpha, title))
+
+
+def overlay_figure(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                   names: Sequence[str], alpha: float = 0.7, title: Optional[str] = None,
+                   max_side: int = 768, min_side: int = 256) -> Figure:
+    """An (H, W, 3) uint8 image beside the same image with its (H, W) labels blended in, and a
+    legend naming each label present with its share of the pixels. ``palette[k]`` and
+    ``names[k]`` describe label k. Each panel is drawn with its longer side between
+    ``min_side`` and ``max_side`` pixels (nearest-neighbour enlargement keeps small images'
+    boundaries sharp)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"labels must be (H, W) = {image.shape[:2]}, got {labels.shape}")
+    colours = colorize(labels, palette=palette)
+    blended = (image * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+    h, w = labels.shape
+    scale = min(max(1.0, min_side / max(h, w)), max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    resample = Image.NEAREST if scale >= 1 else Image.BOX
+    panels = [np.asarray(Image.fromarray(p).resize(size, resample)) for p in (image, blended)]
+
+    present, counts = np.unique(labels, return_counts=True)
+    shares = [100 * c / labels.size for c in counts]
+    entries = [f"{names[k]}  {f'{p:.1f}%' if p >= 0.05 else '<0.1%'}" for k, p in zip(present, shares)]
+    handles = _legend_handles(entries, np.asarray(palette)[present])
+    legend_w = 0.4 + 0.075 * max((len(e) for e in entries), default=8)
+    fig = Figure(figsize=(2 * size[0] / _DPI + legend_w + 0.3, max(size[1] / _DPI + 0.5, 1.6)),
+                 dpi=_DPI, layout="constrained")
+    for ax, pixels, panel_title in zip(fig.subplots(1, 2), panels, (title or "image", "segmentation")):
+        ax.imshow(pixels, interpolation="none")
+        ax.set_axis_off()
+        ax.set_title(panel_title, fontsize=_FONT)
+    fig.legend(handles=handles, loc="outside right upper", fontsize=_FONT, frameon=False,
+               handlelength=1.2)
+    return fig
+
+
+def save_indexed_png(path: PathLike, labels: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """(H, W) ids in [0, 256) as a "P"-mode PNG: the pixel values are the ids themselves (what
+    a program reads back) and ``palette`` colours them in any viewer."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"expected (H, W) integer ids, got {labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError(f"an indexed PNG holds ids 0..255, found {labels.min()}..{labels.max()}")
+    palette = np.asarray(palette, dtype=np.uint8)
+    if palette.ndim != 2 or palette.shape[1] != 3 or len(palette) > 256:
+        raise ValueError(f"palette must be (K <= 256, 3), got {palette.shape}")
+    image = Image.frombytes("P", labels.shape[::-1], np.ascontiguousarray(labels, np.uint8).tobytes())
+    image.putpalette(palette.ravel().tolist())
+    atomic_save_image(path, image)
+    return image

@@ -1,5 +1,7 @@
-"""ViT attention backends agree, and the xformers path follows xformers' (B, M, H, K) contract."""
+"""ViT attention backends agree, the xformers path follows xformers' (B, M, H, K) contract, loads
+the CUDA 12 runtime it needs, and `auto` keeps the faster backend by a measurement."""
 
+import ctypes
 import sys
 import types
 
@@ -73,9 +75,83 @@ def test_vit_xformers_layout_and_agreement(stand_in_xformers):
     assert _rel(out_x, out_s) < 1e-5
 
 
-def test_auto_falls_back_to_sdpa_without_cuda(stand_in_xformers):
-    attn_mod.xformers_works.cache_clear()
+@pytest.fixture
+def fresh_caches():
+    cached = (attn_mod.xformers_works, attn_mod.pick_auto, attn_mod.load_cudart12)
+    for fn in cached:
+        fn.cache_clear()
+    yield
+    for fn in cached:
+        fn.cache_clear()
+
+
+def test_auto_falls_back_to_sdpa_without_cuda(stand_in_xformers, fresh_caches):
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+
+
+def test_choose_by_timing_keeps_the_fastest_and_drops_failures():
+    times = {"xformers": 0.8, "sdpa": 0.5, "math": 2.0}
+    assert attn_mod.choose_by_timing(("xformers", "sdpa", "math"), times.__getitem__) == ("sdpa", times)
+
+    def timer(name):
+        if name == "sdpa":
+            raise RuntimeError("no kernel for this shape")
+        return times[name]
+
+    best, measured = attn_mod.choose_by_timing(("xformers", "sdpa"), timer)
+    assert best == "xformers" and measured == {"xformers": 0.8}
+    with pytest.raises(RuntimeError, match="none of"):
+        attn_mod.choose_by_timing(("sdpa",), timer)
+
+
+@pytest.mark.parametrize("xformers_ms,expected", [(0.3, "xformers"), (0.9, "sdpa")])
+def test_auto_measures_once_and_announces(monkeypatch, capsys, fresh_caches, xformers_ms, expected):
+    """On CUDA with a working xformers, `auto` times both backends at the ViT's shape (stand-in
+    timings here) and keeps the faster; the choice is cached per process."""
+    calls = []
+
+    def stand_in_timer(backend, shape, dtype, device):
+        calls.append((backend, shape, dtype, device.type))
+        return {"xformers": xformers_ms, "sdpa": 0.5}[backend]
+
+    monkeypatch.setattr(attn_mod, "xformers_works", lambda device_type: device_type == "cuda")
+    monkeypatch.setattr(attn_mod, "time_fwd_bwd", stand_in_timer)
+    shape = (4, 64, 2, 32)
+    for _ in range(2):
+        assert resolve_backend("auto", torch.device("cuda"), shape=shape, dtype=torch.float16) == expected
+    assert sorted(calls) == [("sdpa", shape, torch.float16, "cuda"), ("xformers", shape, torch.float16, "cuda")]
+    err = capsys.readouterr().err
+    assert err.count("attention auto:") == 1 and f"using {expected}" in err
+
+
+def test_cuda12_runtime_is_loaded_globally_before_xformers(tmp_path, monkeypatch, capsys, fresh_caches,
+                                                           stand_in_xformers):
+    lib = tmp_path / attn_mod.CUDART12
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"stand-in")
+    loaded = []
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "elsewhere"), str(tmp_path)])
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: loaded.append((path, mode)))
+    assert attn_mod._import_xformers_ops() is sys.modules["xformers.ops"]
+    assert loaded == [(str(lib.resolve()), ctypes.RTLD_GLOBAL)]
+    assert "nvidia-cuda-runtime-cu12" in capsys.readouterr().err
+    attn_mod._import_xformers_ops()
+    assert len(loaded) == 1  # once per process
+
+
+def test_cuda12_runtime_not_loaded_when_absent_or_torch_has_it(tmp_path, monkeypatch, fresh_caches):
+    loaded = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: loaded.append(path))
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert attn_mod.load_cudart12() is None
+    (tmp_path / attn_mod.CUDART12).parent.mkdir(parents=True)
+    (tmp_path / attn_mod.CUDART12).write_bytes(b"stand-in")
+    attn_mod.load_cudart12.cache_clear()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert attn_mod.load_cudart12() is None
+    assert loaded == []
 
 
 def test_env_override(monkeypatch):
@@ -99,3 +175,34 @@ def test_explicit_xformers_without_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers.ops", None)
     with pytest.raises(RuntimeError, match="not importable"):
         resolve_backend("xformers", torch.device("cpu"))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_real_xformers_matches_sdpa_on_cuda(dtype, fresh_caches):
+    if not attn_mod.xformers_works("cuda"):
+        pytest.skip("xformers is not installed or its CUDA operators do not load here")
+    q, k, v = (t.cuda().requires_grad_() for t in _qkv(b=2, m=77, h=4, k=64, dtype=dtype))
+    grad = torch.randn_like(q)
+    outs = {}
+    for backend in ("xformers", "sdpa"):
+        out = attention(q, k, v, backend)
+        outs[backend] = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    for got, ref in zip(outs["xformers"], outs["sdpa"]):
+        assert torch.isfinite(got).all()
+        assert _rel(got.float(), ref.float()) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_on_cuda_picks_a_working_backend_once(fresh_caches, capsys):
+    shape = (2, 64, 4, 32)
+    picked = resolve_backend("auto", torch.device("cuda"), shape=shape, dtype=torch.float16)
+    assert picked in ("xformers", "sdpa")
+    assert resolve_backend("auto", torch.device("cuda"), shape=shape, dtype=torch.float16) == picked
+    if attn_mod.xformers_works("cuda"):
+        assert capsys.readouterr().err.count("attention auto:") == 1

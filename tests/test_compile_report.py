@@ -1,9 +1,10 @@
-"""The SEAT kernels compile for sm70 (fp16), sm80 and sm90 (bf16; fp64, the gradcheck path) without a GPU.
+"""The SEAT kernels compile for sm70 (fp16, fp32), sm80 (bf16, fp32) and sm90 (bf16; fp64, the
+gradcheck path) without a GPU, and the chosen bf16 configs do not spill up to N = 64.
 
 Runs `python -m san_fast.kernels.compile_report` in a subprocess: the kernels in this pytest
 process are interpreted (TRITON_INTERPRET=1, set by conftest.py) and cannot be compiled.
-One config per kernel and N bucket keeps it to about half a minute; the full lists are
-checked by running the module by hand (see kernels/README.md).
+The spill check compiles every config of the N <= 64 buckets for sm90 and sm80 (about a minute
+from a cold Triton cache on two cores); the other dtypes one config per kernel.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def _run(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "san_fast.kernels.compile_report", "--quiet", "--json", str(out), *args],
+        [sys.executable, "-m", "san_fast.kernels.compile_report", "--quiet", "--jobs", "2", "--json", str(out), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -32,23 +33,43 @@ def _run(tmp_path, *args):
     return proc, (json.loads(out.read_text()) if out.exists() else None)
 
 
-@pytest.mark.parametrize(
-    "arch,dtypes",
-    [("70", ["fp16", "fp32"]), ("80", ["bf16", "fp32"]), ("90", ["bf16", "fp64"])],
-)
-def test_every_kernel_compiles_for_arch(tmp_path, arch, dtypes):
-    proc, report = _run(tmp_path, "--arch", arch, "--dtype", *dtypes, "--n", "27", "--first-config-only")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = report["rows"]
-    assert {r["kind"] for r in rows} == set(compile_report.KINDS)
-    assert {r["dtype"] for r in rows} == set(dtypes)
+def _check_rows(rows, kinds=compile_report.KINDS):
+    assert {r["kind"] for r in rows} == set(kinds)
     for row in rows:
         assert row["ok"], row
         assert row["fits"], row
         # ptxas ran and reported on the real cubin: registers within the hardware's 255.
         assert row["registers"] is not None and 0 < row["registers"] <= 255, row
         assert row["spill_bytes"] is not None and row["spill_bytes"] >= 0, row
-        assert row["shared_bytes"] > 0, row
+        assert row["shared_bytes"] >= 0, row
+
+
+@pytest.mark.parametrize("arch,dtypes", [("70", ["fp16", "fp32"]), ("80", ["fp32"]), ("90", ["fp64"])])
+def test_every_kernel_compiles_for_arch(tmp_path, arch, dtypes):
+    proc, report = _run(tmp_path, "--arch", arch, "--dtype", *dtypes, "--n", "27", "--first-config-only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_rows(report["rows"])
+    assert {r["dtype"] for r in report["rows"]} == set(dtypes)
+
+
+# Known spills (bytes per thread at most, the larger of triton 3.9 and 3.6), kept here so that any
+# other one fails: on sm80 (no wgmma, every dot operand in registers) the fused loss's pass 1 plus
+# its step-2 accumulators do not fit in 255 registers at any range width tried; on sm90 its rec_q
+# mode at N = 64 spills too (36 B under triton 3.9, 116 B under 3.6). kernels/README.md. The
+# launcher's model picks the two-pass design at P = 1024; the fused loss runs for small P only.
+KNOWN_SPILLS = {("loss_image", 80, 27): 40, ("loss_image", 80, 64): 192, ("loss_rec_q", 80, 27): 128,
+                ("loss_rec_q", 80, 64): 440, ("loss_rec_q", 90, 64): 120}
+
+
+def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):
+    proc, report = _run(tmp_path, "--arch", "90", "80", "--dtype", "bf16", "--n", "27", "64")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = report["rows"]
+    _check_rows(rows)
+    assert {(r["arch"], r["n"]) for r in rows} == {(90, 27), (90, 64), (80, 27), (80, 64)}
+    for r in rows:
+        allowed = KNOWN_SPILLS.get((r["kind"], r["arch"], r["n"]), 0)
+        assert r["spill_bytes"] <= allowed, r
 
 
 def test_bf16_is_not_compiled_for_sm70(tmp_path):
@@ -59,10 +80,20 @@ def test_bf16_is_not_compiled_for_sm70(tmp_path):
 
 def test_candidate_configs_replace_the_autotune_list(tmp_path):
     proc, report = _run(
-        tmp_path, "--arch", "80", "--dtype", "fp16", "--n", "5", "--kind", "backward", "--try", "32,16,4,1", "64,32,4,2"
+        tmp_path, "--arch", "80", "--dtype", "fp16", "--n", "5", "--kind", "forward", "--try", "M=32,P=16,w=4,s=1",
+        "M=64,P=32,w=4,s=2",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [r["config"] for r in report["rows"]] == ["M=32,P=16,w=4,s=1", "M=64,P=32,w=4,s=2"]
+
+
+def test_candidates_can_change_the_plans_tiles(tmp_path):
+    """For the gradient kernel a candidate may set the plan's BLOCK_M and BLOCK_P2 too."""
+    proc, report = _run(tmp_path, "--arch", "90", "--dtype", "bf16", "--n", "27", "--kind", "backward",
+                        "--try", "M=32,P2=64,PD=32,w=4,s=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    grad = [r for r in report["rows"] if r["kernel"] == "seat_grad_kernel"]
+    assert [r["config"] for r in grad] == ["M=32,P=16,P2=64,PD=32,w=4,s=2"]
 
 
 @pytest.mark.parametrize(
@@ -70,7 +101,8 @@ def test_candidate_configs_replace_the_autotune_list(tmp_path):
     [
         (["--arch", "60"], "need sm70"),
         (["--n", "300"], "N must be in [2, 256]"),
-        (["--try", "64,32,8"], "expected BLOCK_M,BLOCK_P,WARPS,STAGES"),
+        (["--try", "64,32,8"], "expected KEY=VALUE pairs"),
+        (["--try", "M=64,P=32"], "give the warps and stages too"),
     ],
 )
 def test_bad_arguments_are_refused(tmp_path, args, message):
@@ -90,10 +122,10 @@ def test_refuses_to_run_under_the_interpreter(tmp_path):
 
 def test_summary_fails_a_bucket_without_a_fitting_config():
     rows = [
-        compile_report.Row("forward", "fp16", 70, 27, "a", ok=True, registers=100, spill_bytes=0,
+        compile_report.Row("forward", "k", "fp16", 70, 27, "a", ok=True, registers=100, spill_bytes=0,
                            shared_bytes=200_000, fits=False),
-        compile_report.Row("forward", "fp16", 70, 27, "b", ok=False, error="boom"),
-        compile_report.Row("labels", "fp16", 70, 27, "c", ok=True, registers=90, spill_bytes=8,
+        compile_report.Row("forward", "k", "fp16", 70, 27, "b", ok=False, error="boom"),
+        compile_report.Row("labels", "k", "fp16", 70, 27, "c", ok=True, registers=90, spill_bytes=8,
                            shared_bytes=1000, fits=True),
     ]
     lines, good = compile_report.summarise(rows)

@@ -37,7 +37,7 @@ def test_real_dataset_needs_a_root():
 def test_bad_values_say_what_was_expected():
     with pytest.raises(ValueError, match="expected one of"):
         Config(encoder="vgg").validate()
-    with pytest.raises(ValueError, match="multiple of patch_size"):
+    with pytest.raises(ValueError, match="multiple of --patch-size"):
         Config(crop_size=100).validate()
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--dataset", "imagenet"])
@@ -55,3 +55,24 @@ def test_potsdam_presets_carry_the_papers_colour_augmentation():
     cfg = resolve({"dataset": "potsdam", "data_root": "x"}, cuda_available=True)
     assert cfg.color_jitter == 0.1 and cfg.color_drop == 0.2
     assert resolve({}, cuda_available=False).color_jitter == 0.0
+
+
+def test_programmatic_configs_are_checked_too():
+    from san_fast.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="--batch-size '16': expected an integer >= 1"):
+        Config(batch_size="16").validate()
+    with pytest.raises(ConfigError, match="--num-semantics 0"):
+        Config(num_semantics=0).validate()  # 0 once meant "the class count"
+    with pytest.raises(ConfigError, match="--vit-heads 0"):
+        Config(vit_heads=0).validate()  # 0 once became one head
+    with pytest.raises(ConfigError, match=r"unknown config fields \['bogus'\]"):
+        config_from_dict(dict(Config().to_dict(), bogus=1))
+    assert Config(dataset="synthetic").validate().vit_num_heads() == 16
+
+
+def test_parser_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--epochs", "x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "train.py: error: argument --epochs: invalid int value: 'x' (see --help)\n"

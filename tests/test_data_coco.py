@@ -32,6 +32,17 @@ def fine_label(h, w):
     return label
 
 
+def photo_like(rng, h, w):
+    """A seeded image with the statistics JPEG is made for (smooth colour, texture in the
+    brightness): a one-pixel shift changes it a lot, JPEG q95 barely does (uniform noise, or
+    fine texture in the colours that JPEG subsamples, would be the reverse)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle, period, phase = rng.uniform(0, np.pi), rng.uniform(6, 12), rng.uniform(0, 6)
+    texture = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
+    colour = rng.uniform(70, 180, 3) + 30 * (x / w - 0.5)[:, :, None] * rng.uniform(-1, 1, 3)
+    return np.clip(colour + 50 * texture[:, :, None], 0, 255).astype(np.uint8)
+
+
 def make_coco(root, ids=None, size=(48, 64), lists=(coco.LIST_27, coco.LIST_3), label_fn=fine_label):
     """Writes <root>/cocostuff with the given ids per split dir; returns the cocostuff folder."""
     ids = ids or {"train2017": ["000000000009", "000000000025", "000000000030"],
@@ -41,7 +52,7 @@ def make_coco(root, ids=None, size=(48, 64), lists=(coco.LIST_27, coco.LIST_3), 
     h, w = size
     for split_dir, split_ids in ids.items():
         for i in split_ids:
-            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            image = photo_like(rng, h, w)
             save(os.path.join(base, "images", split_dir, i + ".jpg"), image, quality=90)
             save(os.path.join(base, "annotations", split_dir, i + ".png"), label_fn(h, w))
         for list_name in lists:
@@ -267,18 +278,3 @@ def test_centre_crop_offsets():
     assert iic.tolist() == [[9, 10], [16, 17]]  # top int(5/2) - 1 = 1, left int(7/2) - 1 = 2
     padded_image, padded = CentreCrop(8, "iic")(image + 1, label)
     assert padded.shape == (8, 8) and padded[0, 0] == 255 and padded_image[0, 0, 0] == 0
-
-
-def test_protocol_description_is_recorded_per_dataset():
-    import json
-
-    from san_fast.data.transforms import protocol_description
-
-    coco27 = protocol_description(Config(dataset="coco27", eval_protocol="picie"))
-    assert coco27["protocol"] == "picie" and "PiCIE" in coco27["follows"]
-    assert "49,629" in coco27["splits"]["train"] and "320x320" in coco27["eval_crop"]
-    potsdam = protocol_description(Config(dataset="potsdam", eval_protocol="iic", crop_size=64))
-    assert "labelled_test" in potsdam["splits"]["val"] and "IR dropped" in potsdam["input"]
-    assert "200x200" in potsdam["eval_crop"] and "64x64" in potsdam["train_transform"]
-    assert protocol_description(Config(dataset="synthetic"))["protocol"] is None
-    json.dumps([coco27, potsdam])

@@ -14,7 +14,8 @@ from test_data_potsdam import make_potsdam
 from san_fast.config import Config
 from san_fast.data import build_dataset, coco
 from san_fast.data._io import DatasetLayoutError
-from san_fast.data.prepare import CurateJob, main, prepare, run_job
+from san_fast.data.jobs import CurateJob, run_job
+from san_fast.data.prepare import main, prepare
 
 WALL_OTHER = 172  # coarse "wall": stuff, but not one of coco3's classes
 
@@ -40,11 +41,11 @@ KEEP = {coco.LIST_27: ["000000000001", "000000000002", "000000000005", "00000000
         coco.LIST_3: ["000000000001", "000000000005", "000000000007"]}
 
 
-def make_uncurated_coco(root):
+def make_uncurated_coco(root, images=None):
     base = os.path.join(root, "cocostuff")
     rng = np.random.default_rng(3)
     for split_dir in ("train2017", "val2017"):
-        for i, (h, w, make_label) in CURATION.items():
+        for i, (h, w, make_label) in (images or CURATION).items():
             save(os.path.join(base, "images", split_dir, i + ".jpg"),
                  rng.integers(0, 256, (h, w, 3), dtype=np.uint8), quality=90)
             save(os.path.join(base, "annotations", split_dir, i + ".png"), make_label(h, w))
@@ -205,7 +206,8 @@ def test_potsdam_is_checked_not_cached(tmp_path, capsys):
     report = prepare("potsdam3", str(tmp_path), **quiet())
     assert report.counts == {"labelled_train.txt": 2, "labelled_test.txt": 2, "unlabelled_train.txt": 1}
     assert report.cache is None and not report.errors
-    assert not (tmp_path / "san_fast_cache").exists()
+    # no image cache: only the record of the tiles checked, which training then skips
+    assert os.listdir(tmp_path / "san_fast_cache") == ["verified.json"]
     with open(os.path.join(base, "gt", "11.mat"), "wb") as f:
         f.write(b"broken")
     assert main(["potsdam", "--data-root", str(tmp_path), "--workers", "1", "--quiet"]) == 1
@@ -230,3 +232,59 @@ def test_worker_processes_give_the_same_results(tmp_path):
     parallel = run_job(job, workers=2, desc="", progress=False)
     assert serial == parallel
     assert [keep for _, keep in serial] == [0.5 + k / 200 >= 0.75 for k in range(70)]
+
+
+# --- lists and labels are checked before anything is built from them ---------------------------
+
+def write_list(base, split_dir, lines):
+    path = os.path.join(base, "curated", split_dir, coco.LIST_27)
+    with open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([], "is empty: expected one image id per line"),
+    (["000000000009", "000000000025", "000000000009"], "'000000000009' is listed twice (lines 1 and 3)"),
+    (["../../etc/passwd"], "line 1: id '../../etc/passwd' holds a path separator or '..'"),
+    (["images/000000000009"], "holds a path separator"),
+])
+def test_bad_curated_lists_are_refused(tmp_path, capsys, lines, message):
+    base = make_coco(tmp_path)
+    write_list(base, "train2017", lines)
+    assert main(["coco27", "--data-root", str(tmp_path), "--workers", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_labels_in_another_format_are_refused_before_a_list_is_built(tmp_path, capsys):
+    """COCO-Stuff's stuff-only maps (values 1-183, 0 unlabeled) are not the fine ids 0-181: IIC's
+    rule would still keep some images, and write a wrong list."""
+    stuff_only = {i: (h, w, lambda h, w: mixed(h, w, 183, 0.8, rest=92)) for i, (h, w, _) in CURATION.items()}
+    make_uncurated_coco(tmp_path, stuff_only)
+    assert main(["coco27", "--data-root", str(tmp_path), "--workers", "1", "--quiet", "--no-cache"]) == 1
+    err = capsys.readouterr().err
+    assert "values 183 out of range (expected COCO-Stuff fine ids 0-181, or 255" in err
+    assert not (tmp_path / "san_fast_cache" / "cocostuff" / "curated").exists()
+
+
+def test_a_curation_that_keeps_nothing_writes_no_list(tmp_path, capsys):
+    small = {i: (100, 100, lambda h, w: mixed(h, w, SKY_OTHER, 1.0)) for i in CURATION}
+    make_uncurated_coco(tmp_path, small)
+    assert main(["coco27", "--data-root", str(tmp_path), "--workers", "1", "--quiet", "--no-cache"]) == 1
+    assert "none of the 7 annotations meets IIC's rule" in capsys.readouterr().err
+    assert not (tmp_path / "san_fast_cache" / "cocostuff" / "curated").exists()
+
+
+def test_prepare_records_what_it_checked_for_training(tmp_path):
+    from san_fast.data.verify import verify_dataset
+
+    make_coco(tmp_path)
+    prepare("coco27", str(tmp_path), **quiet())
+    cfg = cfg_for(tmp_path)
+    record = str(tmp_path / "san_fast_cache")
+    for split in ("train", "val"):  # cached copies, written and vouched for by prepare
+        assert verify_dataset(build_dataset(cfg, split), split, record, progress=False) == 0
+    direct = cfg_for(tmp_path, data_cache=str(tmp_path / "san_fast_cache"))
+    direct.data_cache = str(tmp_path / "elsewhere")  # the originals, vouched for by prepare too
+    assert verify_dataset(build_dataset(direct, "train"), "train", record, progress=False) == 0

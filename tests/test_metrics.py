@@ -186,3 +186,139 @@ def test_values_are_finite_floats():
     m.update(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2, 1]))
     out = m.compute()
     assert all(math.isfinite(v) for v in [out["acc"], out["miou"]])
+
+
+# --- over-clustering modes and matchings fitted elsewhere ---------------------------------------
+
+# 3 clusters, 2 classes. Hungarian: c0->1, c1->0 (10 pixels), c2 unmatched; majority: c0->0,
+# c1->0, c2->1.
+OVER = [[5, 4], [6, 1], [0, 2]]
+
+
+def scored(confusion, mode, assignment=None):
+    m = UnsupervisedMetrics(len(confusion), len(confusion[0]), overcluster=mode)
+    m.update(*pairs_from_confusion(confusion))
+    return m.compute(assignment)
+
+
+def test_hungarian_majority_gives_unmatched_clusters_their_majority_class():
+    out = scored(OVER, "hungarian-majority")
+    assert out["assignment"] == [1, 0, 1]
+    assert out["confusion"] == [[6, 1], [5, 6]]
+    assert out["acc"] == pytest.approx(12 / 18)
+    assert out["iou"] == pytest.approx([6 / (11 + 7 - 6), 6 / (7 + 11 - 6)])
+    assert out["overcluster"] == "hungarian-majority"
+
+
+def test_majority_maps_every_cluster_to_its_majority_class_as_iic():
+    out = scored(OVER, "majority")
+    assert out["assignment"] == [0, 0, 1]  # many to one: two clusters on class 0
+    assert out["confusion"] == [[11, 5], [0, 2]]
+    assert out["acc"] == pytest.approx(13 / 18)
+    assert out["iou"] == pytest.approx([11 / (11 + 16 - 11), 2 / (7 + 2 - 2)])
+
+
+def test_majority_ties_go_to_the_lowest_class_and_empty_clusters_to_class_0():
+    out = scored([[2, 2, 1], [0, 0, 0], [0, 3, 3]], "majority")
+    assert out["assignment"] == [0, 0, 1]
+
+
+def test_strict_leaves_out_cluster_ids_beyond_the_class_count_as_stego():
+    out = scored(OVER, "strict")
+    # cluster 2 (id >= 2 classes) is masked out before matching: 16 pixels remain
+    assert out["left_out"] == 2 and out["num_pixels"] == 16
+    assert out["assignment"] == [1, 0, -1]
+    assert out["acc"] == pytest.approx(10 / 16)
+    assert out["iou"] == pytest.approx([6 / 12, 4 / 10])
+    assert out["miou"] == pytest.approx(0.45)
+    assert out["unmatched"] == [0, 0]
+    json.dumps(out)
+
+
+def test_strict_counts_pixels_of_unmatched_clusters_as_errors_with_an_extra_zero_iou():
+    # cluster 1 mapped to no class: its 3 pixels of class 0 are errors, and STEGO's extra
+    # "unmatched" row adds an IoU of 0 to the mean (class 1 has an empty union: left out)
+    out = scored([[5, 0], [3, 0], [0, 0]], "strict", assignment=[0, -1, 1])
+    assert out["acc"] == pytest.approx(5 / 8)
+    assert out["unmatched"] == [3, 0]
+    assert out["iou"][0] == pytest.approx(5 / 8) and out["iou"][1] is None
+    assert out["miou"] == pytest.approx((5 / 8 + 0.0) / 2)
+
+
+def stego_reference(stats, n_classes):
+    """STEGO's UnsupervisedMetrics.compute (src/utils.py), step by step: Hungarian on the
+    (clusters x classes) stats, histogram rows from the transposed matching, unmatched clusters
+    summed into an extra row, an extra zero column, nan-mean of the IoUs."""
+    from scipy.optimize import linear_sum_assignment
+
+    stats = torch.as_tensor(stats, dtype=torch.float64)
+    stats[n_classes:] = 0  # STEGO's update mask: preds >= n_classes never reach the stats
+    rows, _ = linear_sum_assignment(stats.numpy(), maximize=True)
+    _, cols_t = linear_sum_assignment(stats.t().numpy(), maximize=True)
+    hist = stats[torch.as_tensor(cols_t)]
+    missing = sorted(set(range(stats.shape[0])) - set(rows.tolist()))
+    hist = torch.cat([hist, stats[missing].sum(0, keepdim=True)])
+    hist = torch.cat([hist, torch.zeros(n_classes + 1, 1, dtype=hist.dtype)], 1)
+    tp = torch.diag(hist)
+    iou = tp / (hist.sum(0) + hist.sum(1) - tp)
+    return float(tp.sum() / hist.sum()), float(iou[~torch.isnan(iou)].mean())
+
+
+@pytest.mark.parametrize("clusters", [3, 5, 8])
+def test_strict_agrees_with_stegos_computation(clusters):
+    g = torch.Generator().manual_seed(clusters)
+    for _ in range(5):
+        confusion = torch.randint(0, 50, (clusters, 3), generator=g).tolist()
+        out = scored(confusion, "strict")
+        acc, miou = stego_reference(confusion, 3)
+        assert out["acc"] == pytest.approx(acc) and out["miou"] == pytest.approx(miou)
+
+
+@pytest.mark.parametrize("mode", ["hungarian-majority", "majority", "strict"])
+def test_all_modes_agree_with_as_many_clusters_as_classes(mode):
+    confusion = [[0, 5, 1], [4, 0, 2], [1, 1, 6]]
+    out = scored(confusion, mode)
+    assert out["assignment"] == [1, 0, 2]
+    assert out["acc"] == pytest.approx(15 / 20)
+
+
+def test_matching_fitted_on_one_set_scores_another():
+    fit = UnsupervisedMetrics(3, 2)
+    fit.update(*pairs_from_confusion(OVER))
+    assignment = fit.fit_assignment()
+    assert assignment == [1, 0, 1]
+    test = UnsupervisedMetrics(3, 2)
+    test.update(*pairs_from_confusion([[3, 1], [0, 4], [2, 2]]))
+    held_out = test.compute(assignment=assignment)
+    assert held_out["assignment"] == [1, 0, 1]
+    assert held_out["acc"] == pytest.approx((1 + 0 + 2) / 12)
+    # fitted on the scored set itself, the matching would be c0->0, c1->1, c2->0
+    own = test.compute()
+    assert own["assignment"] == [0, 1, 0] and own["acc"] == pytest.approx(9 / 12)
+
+
+def test_assignment_errors():
+    m = UnsupervisedMetrics(3, 2)
+    m.update(*pairs_from_confusion(OVER))
+    with pytest.raises(ValueError, match="one class per cluster"):
+        m.compute(assignment=[0, 1])
+    with pytest.raises(ValueError, match=r"class ids in \[0, 2\) or -1"):
+        m.compute(assignment=[0, 1, 2])
+    with pytest.raises(ValueError, match="overcluster='best'"):
+        UnsupervisedMetrics(3, 2, overcluster="best")
+
+
+def test_strict_with_every_pixel_left_out_is_an_error():
+    m = UnsupervisedMetrics(3, 2, overcluster="strict")
+    m.update(torch.tensor([2, 2]), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="cluster id >= the class count"):
+        m.compute()
+
+
+def test_assignment_given_to_the_constructor_is_applied_by_compute():
+    test = UnsupervisedMetrics(3, 2, assignment=[1, 0, 1])
+    test.update(*pairs_from_confusion([[3, 1], [0, 4], [2, 2]]))
+    assert test.compute()["acc"] == pytest.approx(3 / 12)
+    assert test.compute(assignment=[0, 1, 0])["acc"] == pytest.approx(9 / 12)
+    with pytest.raises(ValueError, match="one class per cluster"):
+        UnsupervisedMetrics(3, 2, assignment=[0])

@@ -1,4 +1,5 @@
-"""SAN end to end on tiny shapes: every encoder, every ablation switch, eval determinism."""
+"""SAN end to end on tiny shapes: every encoder and generator backbone, both ViT norms, RGB + IR
+input through the SEAT kernel's C=4 path, every ablation switch, eval determinism."""
 
 import pytest
 import torch
@@ -16,10 +17,11 @@ def tiny(**overrides) -> Config:
     return Config(**base).validate()
 
 
+@pytest.mark.parametrize("channels", [3, 4])
 @pytest.mark.parametrize("name", ["conv3x3", "resnet18", "unet"])
-def test_encoders_keep_full_resolution(name):
-    enc = build_encoder(name, 24)
-    out = enc(torch.randn(2, 3, 32, 48))
+def test_encoders_keep_full_resolution(name, channels):
+    enc = build_encoder(name, 24, channels)
+    out = enc(torch.randn(2, channels, 32, 48))
     assert out.shape == (2, 24, 32, 48)
     assert torch.isfinite(out).all()
 
@@ -49,7 +51,7 @@ def test_losses_backpropagate_to_every_part():
     expected = terms["rec"] + terms["con"] + terms["uni"]
     assert torch.allclose(terms["loss"], expected)
     terms["loss"].backward()
-    for part in (model.encoder, model.vit, model.generator, model.matcher, model.recon):
+    for part in (model.encoder, model.backbone, model.generator, model.matcher, model.recon):
         grads = [p.grad for p in part.parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
         assert any(g.abs().sum() > 0 for g in grads)
@@ -76,7 +78,7 @@ def test_ablation_switches():
 
 
 def test_vit_depth_switch():
-    assert len(SAN(tiny(vit_depth=3)).vit.blocks) == 3
+    assert len(SAN(tiny(vit_depth=3)).backbone.blocks) == 3
 
 
 def test_eval_prediction_does_not_depend_on_batch_mates():
@@ -133,3 +135,83 @@ def test_compiled_model_calls_the_triton_op_without_graph_breaks():
     want["loss"].backward()
     for (name, p_got), p_want in zip(compiled_model.named_parameters(), eager.parameters()):
         assert torch.allclose(p_got.grad, p_want.grad, rtol=1e-3, atol=1e-6), name
+
+
+# --- Table 4's generator backbones, the ViT's norm placement, RGB + IR -----------------------------
+
+
+@pytest.mark.parametrize("generator", ["vit", "resnet18", "unet"])
+def test_generator_backbones_give_tokens_on_the_patch_grid(generator):
+    from san_fast.model.variants import build_generator_backbone
+
+    cfg = tiny(generator=generator)
+    backbone = build_generator_backbone(cfg, 4)
+    tokens = backbone(torch.randn(2, 4, 32, 48))
+    assert tokens.shape == (2, (32 // 8) * (48 // 8), 32) and torch.isfinite(tokens).all()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        backbone(torch.randn(1, 4, 30, 32))
+
+
+@pytest.mark.parametrize("generator", ["resnet18", "unet"])
+def test_san_trains_with_a_cnn_generator(generator):
+    model = SAN(tiny(generator=generator))
+    assert type(model.backbone).__name__ == "ConvTokens"
+    terms, _, _ = model.losses(torch.randn(2, 3, 32, 32))
+    terms["loss"].backward()
+    grads = [p.grad for p in model.backbone.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.set_attention_backend("math", torch.device("cpu")) == "math"
+    assert model.eval().predict(torch.randn(1, 3, 48, 64)).shape == (1, 48, 64)
+
+
+def _identity_sublayers(block):
+    """Zero the attention and MLP outputs so only the norm placement remains."""
+    for layer in (block.attn.proj, block.mlp[2]):
+        torch.nn.init.zeros_(layer.weight)
+        torch.nn.init.zeros_(layer.bias)
+    return block
+
+
+def test_pre_and_post_norm_blocks():
+    from san_fast.model.vit import Block
+
+    x = torch.randn(2, 5, 16) * 3 + 1
+    pre = _identity_sublayers(Block(16, 2, norm="pre"))
+    assert torch.equal(pre(x), x)  # x + f(LN(x)) with f = 0
+    post = _identity_sublayers(Block(16, 2, norm="post"))
+    ln = torch.nn.functional.layer_norm
+    assert torch.allclose(post(x), ln(ln(x, (16,)), (16,)), atol=1e-6)  # LN(x + f(x)) twice
+    with pytest.raises(ValueError, match="vit_norm='mid'"):
+        Block(16, 2, norm="mid")
+
+
+def test_post_norm_vit_has_no_final_norm_and_trains():
+    model = SAN(tiny(vit_norm="post", vit_depth=2))
+    assert isinstance(model.backbone.norm, torch.nn.Identity)
+    assert all(not b.pre_norm for b in model.backbone.blocks)
+    assert isinstance(SAN(tiny(vit_norm="pre")).backbone.norm, torch.nn.LayerNorm)
+    terms, _, _ = model.losses(torch.randn(2, 3, 32, 32))
+    terms["loss"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.backbone.parameters())
+
+
+def test_rgbir_model_takes_and_reconstructs_four_bands_through_the_c4_kernel_path():
+    """Potsdam's RGB + IR: the encoders, the ViT's patch embedding and F_G have 4 channels, and
+    the Triton SEAT op (interpreter on the CPU) agrees with the PyTorch reference at C=4."""
+    torch.manual_seed(0)
+    cfg = dict(dataset="potsdam", data_root="unused", num_semantics=5)
+    reference = SAN(tiny(**cfg))
+    kernel = SAN(tiny(seat_impl="triton", **cfg))
+    kernel.load_state_dict(reference.state_dict())
+    assert reference.recon.out_channels == 4 and reference.backbone.patch_embed.in_channels == 4
+    assert reference.encoder.net[0].in_channels == 4
+    x = torch.randn(2, 4, 32, 32)
+    want, _, _ = reference.losses(x)
+    got, _, _ = kernel.losses(x)
+    for key in ("rec", "con", "loss"):
+        assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-6), key
+    want["loss"].backward()
+    got["loss"].backward()
+    for (name, p_got), p_want in zip(kernel.named_parameters(), reference.parameters()):
+        assert torch.allclose(p_got.grad, p_want.grad, rtol=1e-3, atol=1e-6), name
+    assert SAN(tiny(dataset="potsdam", data_root="x", potsdam_bands="rgb")).recon.out_channels == 3

@@ -1,4 +1,5 @@
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def test_deterministic_per_seed_split_and_index():
 
 def test_cache_returns_the_same_items():
     ds = SyntheticScenes(4, 16, 2, seed=0, cache=True)
-    assert ds[1] is ds[1]
+    assert ds.scene(1) is ds.scene(1)
     assert torch.equal(ds[1][0], SyntheticScenes(4, 16, 2, seed=0)[1][0])
 
 
@@ -39,6 +40,43 @@ def test_build_from_config_uses_sizes_and_disjoint_splits():
     assert len(train) == 7 and len(val) == 3
     assert train[0][0].shape == (3, 24, 24) and val[0][1].shape == (24, 24)
     assert not torch.equal(train[0][0], val[0][0])
+
+
+def with_scene_size(cfg, size):
+    # synthetic_image_size: the scene side when it differs from crop_size (requested Config field)
+    cfg.synthetic_image_size = size
+    return cfg
+
+
+def test_paper_crops_of_larger_scenes_train_and_whole_scenes_evaluate():
+    cfg = with_scene_size(Config(synthetic_train_size=4, synthetic_val_size=2, crop_size=32), 64)
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    torch.manual_seed(0)
+    image, label = train[1]
+    assert image.shape == (3, 32, 32) and label.shape == (32, 32) and label.dtype == torch.int64
+    assert val[0][0].shape == (3, 64, 64)
+    scene, labels = train.scene(1)
+    # a window of the scene at its own scale, no flip (the paper flips Potsdam only)
+    windows = [(t, l) for t in range(33) for l in range(33)
+               if np.array_equal(scene[:, t:t + 32, l:l + 32], image.numpy())]
+    assert len(windows) == 1
+    t, l = windows[0]
+    assert np.array_equal(labels[t:t + 32, l:l + 32], label.numpy())
+    torch.manual_seed(1)
+    assert not torch.equal(train[1][0], image)  # another draw, another window
+
+
+def test_resized_crops_shrink_the_scene():
+    cfg = with_scene_size(Config(synthetic_train_size=2, crop_size=32, train_crop="resized"), 64)
+    image, label = build_dataset(cfg, "train")[0]
+    assert image.shape == (3, 32, 32) and set(label.unique().tolist()) <= set(range(6))
+
+
+def test_scene_size_errors():
+    with pytest.raises(ValueError, match="smaller than crop_size"):
+        build_dataset(with_scene_size(Config(crop_size=64), 32), "val")
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        build_dataset(with_scene_size(Config(crop_size=64), 68), "val")
 
 
 @pytest.mark.parametrize("num_classes", [2, 3, 27, 30])

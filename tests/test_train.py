@@ -5,8 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
+from san_fast.checkpoint import load_checkpoint
 from san_fast.config import resolve
 from san_fast.engine import run
 
@@ -32,9 +31,14 @@ def test_run_writes_config_metrics_checkpoint_and_pictures(tmp_path):
         assert len(scores["assignment"]) == 4 and len(scores["iou"]) == 4
     assert metrics["san"] == result["san"]
     assert metrics["train"]["steps"] == 8  # 32 images / batch 8, two epochs
+    train = metrics["train"]
+    assert train["peak_gpu_memory_bytes"] is None and 0.0 <= train["data_wait_fraction"] <= 1.0
+    assert train["images_per_second_after_warmup"] > 0 and train["images_per_second"] > 0  # 3 steps after 5
+    assert train["distributed"] == {"world_size": 1, "per_rank_batch": 8, "backend": "none (single process)"}
     assert len(metrics["history"]["loss"]) == 2
-    saved = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=False)
-    assert saved["epoch"] == 2 and saved["config"]["embed_dim"] == 32
+    saved = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert saved["progress"] == {"epoch": 3, "batch": 0, "step": 8}  # the next epoch is 3
+    assert saved["config"]["embed_dim"] == 32
 
 
 def test_seat_impls_give_the_same_losses(tmp_path):

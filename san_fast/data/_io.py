@@ -72,11 +72,25 @@ def list_files(folder: str) -> set[str]:
 
 def read_id_list(path: str) -> list[str]:
     """One id per line, as IIC's, PiCIE's and STEGO's split lists; blank lines are skipped and an
-    image extension, if a list carries one, is dropped."""
+    image extension, if a list carries one, is dropped. An id is a bare file name: one holding a
+    folder or '..' (which would read files outside the dataset) or listed twice is an error."""
     with open(path) as f:
-        ids = [line.strip() for line in f]
-    return [os.path.splitext(i)[0] if i.endswith((".jpg", ".png", ".mat")) else i
-            for i in ids if i]
+        lines = [line.strip() for line in f]
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        i = os.path.splitext(line)[0] if line.endswith((".jpg", ".png", ".mat")) else line
+        if "/" in i or "\\" in i or os.sep in i or ".." in i:
+            raise DatasetFileError(f"split list {path}, line {number}: id {line!r} holds a path separator or "
+                                   "'..': expected a bare file name")
+        if i in first_line:
+            raise DatasetFileError(f"split list {path}: id {i!r} is listed twice (lines {first_line[i]} "
+                                   f"and {number})")
+        first_line[i] = number
+        ids.append(i)
+    return ids
 
 
 def ids_digest(ids: Iterable[str]) -> str:
@@ -314,3 +328,14 @@ class SegmentationFiles(Dataset):
 
 def _label_path(sample: Any) -> str:
     return str(getattr(sample, "label", None) or getattr(sample, "image", sample))
+
+
+def sample_files(sample: Any) -> list[str]:
+    """The files a sample reads: its image, then its label when it has one (FilePair, Potsdam's
+    Tile and any sample with ``image`` / ``label`` paths); a plain path is its own file."""
+    if isinstance(sample, (str, os.PathLike)):
+        return [str(sample)]
+    files = [str(sample.image)]
+    if getattr(sample, "label", None) is not None:
+        files.append(str(sample.label))
+    return files

@@ -1,5 +1,6 @@
 """Cityscapes (gtFine) with 27 classes: label ids 7..33 -> 0..26, ids 0..6 void, as PiCIE and
-STEGO. Train: all 2,975 gtFine train images; val: the 500 val images."""
+STEGO. Parts: train (2,975 gtFine train images) and val (the 500 val images); which of them
+train, fit and score is the evaluation plan's choice (san_fast.data.splits)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from san_fast.data._io import (
     read_pair,
     require_dir,
 )
-from san_fast.data.transforms import EvalProtocol, protocol_for, train_crop_scale
+from san_fast.data.transforms import EvalProtocol, protocol_for, train_crop_step
 
 TITLE = "Cityscapes"
 FOLDER = "cityscapes"
@@ -42,7 +43,6 @@ LABELS = LabelSpace(L.CITYSCAPES_TO_27, L.CITYSCAPES_VALID,
                     "Cityscapes label ids 0-33, or 255")
 CACHE_LABELS = LABELS
 CACHED_LABELS = LabelSpace(L.COARSE27_TO_27, L.COARSE27_VALID, "class ids 0-26, or 255 (prepare cache)")
-INPUT_DESCRIPTION = "RGB"
 MANIFEST_LIST = "gtFine"
 
 
@@ -89,27 +89,39 @@ def cache_manifest(ids: list[str], protocol: EvalProtocol, split: str) -> dict:
     return make_manifest(ids, protocol.cache_key(), "cityscapes27", split)
 
 
-def build(cfg: Any, split: str) -> SegmentationFiles:
+def build(cfg: Any, part: str, training: bool) -> SegmentationFiles:
+    """Training crops or evaluation items of one part (train or val with gtFine labels)."""
     protocol = protocol_for(cfg.dataset, cfg.eval_protocol)
     root = dataset_root(cfg.data_root)
-    split_dir = SPLIT_DIRS[split]
-    items = original_items(root, split_dir)
+    items = original_items(root, SPLIT_DIRS[part])
     ids = [stem for stem, _ in items]
-    folder = cache_folder(cache_root_of(cfg), protocol, split_dir)
-    scale = train_crop_scale(cfg)
-    if cache_matches(manifest_path(folder, MANIFEST_LIST), cache_manifest(ids, protocol, split)):
-        ext = CACHE_IMAGE_EXT[split]
+    folder = cache_folder(cache_root_of(cfg), protocol, SPLIT_DIRS[part])
+    # The val cache holds evaluation crops: training on val images reads the originals.
+    cached = not (training and part == "val") and cache_matches(
+        manifest_path(folder, MANIFEST_LIST), cache_manifest(ids, protocol, part))
+    steps = (protocol.training_steps(train_crop_step(cfg), cached) if training
+             else protocol.evaluation_steps(part, cached))
+    if cached:
+        ext = CACHE_IMAGE_EXT[part]
         pairs = [FilePair(os.path.join(folder, "images", i + ext),
                           os.path.join(folder, "labels", i + ".png")) for i in ids]
-        return SegmentationFiles(cfg.dataset, pairs, read_pair, CACHED_LABELS,
-                                 protocol.steps_after_cache(split, cfg.crop_size, scale), source=folder)
-    return SegmentationFiles(cfg.dataset, [pair for _, pair in items], read_pair, LABELS,
-                             protocol.steps(split, cfg.crop_size, scale), source=root)
+        return SegmentationFiles(cfg.dataset, pairs, read_pair, CACHED_LABELS, steps, source=folder)
+    return SegmentationFiles(cfg.dataset, [pair for _, pair in items], read_pair, LABELS, steps,
+                             source=root)
 
 
-def describe_splits(dataset: str) -> dict:
+def part_words(cfg: Any, part: str, training: bool) -> str:
+    return (f"leftImg8bit/{SPLIT_DIRS[part]} with gtFine labels (published: "
+            f"{PUBLISHED_COUNTS[part]:,} images)")
+
+
+def describe_splits(cfg: Any) -> dict:
     return {
-        "train": f"leftImg8bit/train with gtFine labels (published: {PUBLISHED_COUNTS['train']:,} images)",
-        "val": f"leftImg8bit/val with gtFine labels (published: {PUBLISHED_COUNTS['val']:,} images)",
+        "train": part_words(cfg, "train", True),
+        "val": part_words(cfg, "val", False),
         "labels": "27 classes: label ids 7..33 -> 0..26, ids 0..6 (void) ignored",
     }
+
+
+def input_words(cfg: Any) -> str:
+    return "RGB"

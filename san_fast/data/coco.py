@@ -35,7 +35,7 @@ from san_fast.data._io import (
     read_pair,
     require_dir,
 )
-from san_fast.data.transforms import EvalProtocol, protocol_for, train_crop_scale
+from san_fast.data.transforms import EvalProtocol, protocol_for, train_crop_step
 
 TITLE = "COCO-Stuff-164k"
 FOLDER = "cocostuff"
@@ -78,7 +78,6 @@ CACHED_LABELS = {
     "coco15": LabelSpace(L.COARSE27_TO_15, L.COARSE27_VALID, _COARSE),
     "coco3": LabelSpace(L.COARSE27_TO_3, L.COARSE27_VALID, _COARSE),
 }
-INPUT_DESCRIPTION = "RGB (grayscale JPEGs converted to RGB)"
 
 
 def dataset_root(data_root: str) -> str:
@@ -162,23 +161,24 @@ def split_ids(cfg: Any, split: str) -> tuple[str, str, list[str]]:
     return root, split_dir, ids
 
 
-def build(cfg: Any, split: str) -> SegmentationFiles:
+def build(cfg: Any, part: str, training: bool) -> SegmentationFiles:
+    """Training crops or evaluation items of one part (train2017 or val2017 of the list)."""
     if cfg.dataset not in CURATED_LISTS:
         raise ValueError(f"dataset {cfg.dataset!r} is not a COCO-Stuff variant")
     protocol = protocol_for(cfg.dataset, cfg.eval_protocol)
-    root, split_dir, ids = split_ids(cfg, split)
+    root, split_dir, ids = split_ids(cfg, part)
     folder = cache_folder(cache_root_of(cfg), protocol, split_dir)
-    scale = train_crop_scale(cfg)
     list_name = CURATED_LISTS[cfg.dataset]
-    if cache_matches(manifest_path(folder, list_name), cache_manifest(ids, protocol, split)):
-        return SegmentationFiles(
-            cfg.dataset, cached_pairs(folder, split, ids), read_pair, CACHED_LABELS[cfg.dataset],
-            protocol.steps_after_cache(split, cfg.crop_size, scale), source=folder,
-        )
-    return SegmentationFiles(
-        cfg.dataset, original_pairs(root, split_dir, ids), read_pair, FINE_LABELS[cfg.dataset],
-        protocol.steps(split, cfg.crop_size, scale), source=root,
-    )
+    # The val cache holds evaluation crops: training on val images (IIC's IID) reads originals.
+    cached = not (training and part == "val") and cache_matches(
+        manifest_path(folder, list_name), cache_manifest(ids, protocol, part))
+    steps = (protocol.training_steps(train_crop_step(cfg), cached) if training
+             else protocol.evaluation_steps(part, cached))
+    if cached:
+        return SegmentationFiles(cfg.dataset, cached_pairs(folder, part, ids), read_pair,
+                                 CACHED_LABELS[cfg.dataset], steps, source=folder)
+    return SegmentationFiles(cfg.dataset, original_pairs(root, split_dir, ids), read_pair,
+                             FINE_LABELS[cfg.dataset], steps, source=root)
 
 
 def _published(list_name: str, split_dir: str) -> str:
@@ -186,18 +186,21 @@ def _published(list_name: str, split_dir: str) -> str:
     return f" (published list: {count:,} images)" if count else ""
 
 
-def describe_splits(dataset: str) -> dict:
-    list_name = CURATED_LISTS[dataset]
+def part_words(cfg: Any, part: str, training: bool) -> str:
+    list_name, split_dir = CURATED_LISTS[cfg.dataset], SPLIT_DIRS[part]
+    return f"{split_dir} images in curated/{split_dir}/{list_name}{_published(list_name, split_dir)}"
+
+
+def describe_splits(cfg: Any) -> dict:
     labels = {
         "coco27": "27 coarse classes (12 things + 15 stuff)",
         "coco15": "15 stuff classes (coarse - 12); thing pixels ignored",
-        "coco3": "sky 0, plant 1, ground 2; all other pixels ignored",
-    }[dataset]
-    return {
-        "train": f"train2017 images in curated/train2017/{list_name}{_published(list_name, 'train2017')}",
-        "val": f"val2017 images in curated/val2017/{list_name}{_published(list_name, 'val2017')}",
-        "labels": labels,
-        "partitions": ("train2017 trains, val2017 is scored (PiCIE/STEGO, and IIC's held-out "
-                       "IID+ partitions); IIC's fully unsupervised table trained and scored on "
-                       "train2017 + val2017"),
-    }
+        "coco3": ("sky 0, plant 1, ground 2; all other pixels ignored (IIC scores unlabeled "
+                  "pixels as sky; we ignore them, as STEGO)"),
+    }[cfg.dataset]
+    return {"train": part_words(cfg, "train", True), "val": part_words(cfg, "val", False),
+            "labels": labels}
+
+
+def input_words(cfg: Any) -> str:
+    return "RGB (grayscale JPEGs converted to RGB)"

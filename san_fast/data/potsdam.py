@@ -1,16 +1,19 @@
 """ISPRS Potsdam as prepared by IIC (``potsdam_prepare.py``): 200x200 tiles stored as .mat files,
 6 classes (potsdam) or 3 merged classes (potsdam3).
 
-Tiles are RGB+IR (200x200x4 uint8); the model input is the RGB part (the first 3 channels), the
-IR channel is dropped. Splits follow IIC's held-out partitions ("IID+" in IIC's code): train =
-labelled_train + unlabelled_train (the unlabelled tiles have no gt/ file; their labels are all
-255), val = labelled_test.
+Tiles are RGB+IR (200x200x4 uint8). ``cfg.potsdam_bands``: ``rgbir`` (default) feeds all four
+bands to the model, as the paper ("8550 RGBIR 200x200 px satellite images") and IIC do;
+``rgb`` keeps the first three (STEGO's choice: "TODO add ir channel back", src/data.py).
+Parts: train = labelled_train + unlabelled_train when training (the unlabelled tiles have no gt/
+file; their labels are all 255), labelled_train alone when evaluating; val = labelled_test.
+Which parts train, fit and score is the evaluation plan's choice (san_fast.data.splits).
 
 The tiles need no cache: a .mat tile loads in about 0.1 ms, far below the cost of a JPEG.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,11 +33,12 @@ from san_fast.data._io import (
     read_mat,
     to_uint8_label,
 )
-from san_fast.data.transforms import protocol_for, train_crop_scale
+from san_fast.data.transforms import protocol_for, train_crop_step
 
 TITLE = "Potsdam (IIC's tiles)"
 FOLDER = "potsdam"
-SPLIT_LISTS = {"train": ("labelled_train.txt", "unlabelled_train.txt"), "val": ("labelled_test.txt",)}
+TRAIN_LISTS = {"train": ("labelled_train.txt", "unlabelled_train.txt"), "val": ("labelled_test.txt",)}
+EVAL_LISTS = {"train": ("labelled_train.txt",), "val": ("labelled_test.txt",)}
 PUBLISHED_COUNTS = {"labelled_train.txt": 4545, "labelled_test.txt": 855, "unlabelled_train.txt": 3150}
 LABELLED_LISTS = ("labelled_train.txt", "labelled_test.txt")
 IMAGE_KEY, LABEL_KEY = "img", "gt"
@@ -51,7 +55,9 @@ LABELS = {
     "potsdam": LabelSpace(L.POTSDAM_6_TO_6, L.POTSDAM_VALID, _EXPECTED),
     "potsdam3": LabelSpace(L.POTSDAM_6_TO_3, L.POTSDAM_VALID, _EXPECTED),
 }
-INPUT_DESCRIPTION = "RGB: the first 3 channels of IIC's RGB+IR tiles (IR dropped)"
+BANDS = {"rgbir": 4, "rgb": 3}
+INPUT_WORDS = {"rgbir": "RGB + IR: all 4 bands of IIC's tiles (the paper, IIC)",
+               "rgb": "RGB: the first 3 bands of IIC's RGB+IR tiles, IR dropped (as STEGO)"}
 
 
 @dataclass(frozen=True)
@@ -100,22 +106,26 @@ def tiles(root: str, list_names: tuple[str, ...]) -> list[Tile]:
     return out
 
 
-def read_tile(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB HxWx3 uint8, raw label HxW uint8); 255 everywhere for an unlabelled tile."""
+def read_tile(tile: Tile, bands: str = "rgbir") -> tuple[np.ndarray, np.ndarray]:
+    """(HxWx4 RGB+IR or HxWx3 RGB uint8, raw label HxW uint8); 255 everywhere for an
+    unlabelled tile. ``bands="rgb"`` also accepts RGB and grayscale tiles."""
+    if bands not in BANDS:
+        raise ValueError(f"potsdam_bands={bands!r}: expected one of {', '.join(BANDS)}")
     image = read_mat(tile.image, IMAGE_KEY)
-    if image.ndim == 2:
+    if bands == "rgb" and image.ndim == 2:
         image = np.repeat(image[:, :, None], 3, axis=2)
-    if image.ndim != 3 or image.shape[2] < 3:
+    if image.ndim != 3 or image.shape[2] < BANDS[bands]:
         raise DatasetFileError(
-            f"{tile.image}: 'img' has shape {image.shape}: expected HxWx4 (RGB + IR) or HxWx3"
+            f"{tile.image}: 'img' has shape {image.shape}: expected HxWx4 (RGB + IR)"
+            + (" or HxWx3" if bands == "rgb" else "; for RGB tiles use --potsdam-bands rgb")
         )
     if image.dtype != np.uint8:
         if not np.issubdtype(image.dtype, np.integer) or image.min() < 0 or image.max() > 255:
             raise DatasetFileError(f"{tile.image}: 'img' is {image.dtype}, expected uint8 0-255")
         image = image.astype(np.uint8)
-    rgb = np.ascontiguousarray(image[:, :, :3])
+    image = np.ascontiguousarray(image[:, :, :BANDS[bands]])
     if tile.label is None:
-        return rgb, np.full(rgb.shape[:2], L.IGNORE, dtype=np.uint8)
+        return image, np.full(image.shape[:2], L.IGNORE, dtype=np.uint8)
     label = read_mat(tile.label, LABEL_KEY)
     if label.ndim == 3 and label.shape[2] == 1:
         label = label[:, :, 0]
@@ -125,33 +135,40 @@ def read_tile(tile: Tile) -> tuple[np.ndarray, np.ndarray]:
             "map of class ids 0-5"
         )
     label = to_uint8_label(label, tile.label)
-    if label.shape != rgb.shape[:2]:
-        raise DatasetFileError(f"{tile.image} is {rgb.shape[1]}x{rgb.shape[0]} but its label "
+    if label.shape != image.shape[:2]:
+        raise DatasetFileError(f"{tile.image} is {image.shape[1]}x{image.shape[0]} but its label "
                                f"{tile.label} is {label.shape[1]}x{label.shape[0]}")
-    return rgb, label
+    return image, label
 
 
-def build(cfg: Any, split: str) -> SegmentationFiles:
+def build(cfg: Any, part: str, training: bool) -> SegmentationFiles:
+    """Training crops or evaluation items of one part (see the module docstring)."""
     if cfg.dataset not in LABELS:
         raise ValueError(f"dataset {cfg.dataset!r} is not a Potsdam variant")
     protocol = protocol_for(cfg.dataset, cfg.eval_protocol)
     root = dataset_root(cfg.data_root)
-    return SegmentationFiles(
-        cfg.dataset, tiles(root, SPLIT_LISTS[split]), read_tile, LABELS[cfg.dataset],
-        protocol.steps(split, cfg.crop_size, train_crop_scale(cfg)), source=root,
-    )
+    lists = TRAIN_LISTS[part] if training else EVAL_LISTS[part]
+    steps = (protocol.training_steps(train_crop_step(cfg), from_cache=False) if training
+             else protocol.evaluation_steps(part, from_cache=False))
+    reader = functools.partial(read_tile, bands=cfg.potsdam_bands)
+    return SegmentationFiles(cfg.dataset, tiles(root, lists), reader, LABELS[cfg.dataset], steps,
+                             source=root)
 
 
-def describe_splits(dataset: str) -> dict:
+def part_words(cfg: Any, part: str, training: bool) -> str:
+    lists = TRAIN_LISTS[part] if training else EVAL_LISTS[part]
+    counts = " + ".join(f"{PUBLISHED_COUNTS[n]:,}" for n in lists)
+    return f"{' + '.join(lists)} (published: {counts} tiles)"
+
+
+def describe_splits(cfg: Any) -> dict:
     labels = {
         "potsdam": "6 classes: roads, buildings, low vegetation, tree, car, clutter",
         "potsdam3": "3 classes: roads+cars 0, buildings+clutter 1, vegetation+trees 2",
-    }[dataset]
-    return {
-        "train": "labelled_train.txt + unlabelled_train.txt (published: 4,545 + 3,150 tiles)",
-        "val": "labelled_test.txt (published: 855 tiles)",
-        "labels": labels,
-        "partitions": ("IIC's held-out partitions (IID+ in IIC's code); IIC's fully unsupervised "
-                       "table trained on all three lists and scored on labelled_train + "
-                       "labelled_test"),
-    }
+    }[cfg.dataset]
+    return {"train": part_words(cfg, "train", True), "val": part_words(cfg, "val", False),
+            "labels": labels}
+
+
+def input_words(cfg: Any) -> str:
+    return INPUT_WORDS[cfg.potsdam_bands]

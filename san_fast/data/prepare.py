@@ -20,16 +20,11 @@ it stopped; ``--force`` rewrites everything.
 
 from __future__ import annotations
 
-import abc
 import argparse
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
-
-import numpy as np
-from tqdm import tqdm
 
 from san_fast.config import DATASET_PRESETS, EVAL_PROTOCOLS
 from san_fast.data import cityscapes, coco, potsdam
@@ -37,126 +32,23 @@ from san_fast.data._io import (
     CACHE_IMAGE_EXT,
     DatasetFileError,
     DatasetLayoutError,
+    LabelSpace,
     SegmentationFiles,
     cache_matches,
     cache_root,
     list_files,
     manifest_path,
     read_id_list,
-    read_label_png,
     read_pair,
     require_dir,
-    save_array_image,
+    sample_files,
 )
+from san_fast.data.jobs import CacheJob, CheckJob, CurateJob, run_job
 from san_fast.data.transforms import EvalProtocol, dataset_family, protocol_for
+from san_fast.data.verify import VerifiedRecord, stamp
 from san_fast.io_utils import atomic_write_json, atomic_write_text
 
 NAMES = ("coco27", "coco15", "coco3", "cityscapes", "potsdam", "potsdam3")
-READ_ERRORS = (DatasetFileError, OSError)
-
-
-# --- jobs run over many files, in worker processes ---------------------------------------------
-
-class _Job(abc.ABC):
-    """Work over ``len(self)`` items; ``run(i)`` returns (status, detail)."""
-
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
-
-    @abc.abstractmethod
-    def run(self, index: int) -> tuple[str, Any]: ...
-
-
-@dataclass
-class CurateJob(_Job):
-    label_paths: list[str]
-    target_lut: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.label_paths)
-
-    def run(self, index: int) -> tuple[str, Any]:
-        path = self.label_paths[index]
-        try:
-            label = read_label_png(path)
-        except READ_ERRORS as err:
-            return "error", str(err)
-        return "ok", coco.meets_curation_rule(label, self.target_lut)
-
-
-@dataclass
-class CacheJob(_Job):
-    source: SegmentationFiles  # decodes, checks, maps labels and applies the cache steps
-    outputs: list[tuple[str, str]]  # (image path, label path) per item
-    image_format: str
-    force: bool
-
-    def __len__(self) -> int:
-        return len(self.outputs)
-
-    def run(self, index: int) -> tuple[str, Any]:
-        image_path, label_path = self.outputs[index]
-        if not self.force and os.path.isfile(image_path) and os.path.isfile(label_path):
-            return "kept", None
-        try:
-            image, label = self.source.load(index)
-        except READ_ERRORS as err:
-            return "error", str(err)
-        save_array_image(image_path, np.ascontiguousarray(image), self.image_format)
-        save_array_image(label_path, np.ascontiguousarray(label), "png")
-        return "written", None
-
-
-@dataclass
-class CheckJob(_Job):
-    source: SegmentationFiles
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def run(self, index: int) -> tuple[str, Any]:
-        try:
-            self.source.load(index)
-        except READ_ERRORS as err:
-            return "error", str(err)
-        return "ok", None
-
-
-_JOB: Optional[_Job] = None
-
-
-def _set_job(job: Optional[_Job]) -> None:
-    global _JOB
-    _JOB = job
-
-
-def _run(index: int) -> tuple[str, Any]:
-    assert _JOB is not None
-    return _JOB.run(index)
-
-
-def run_job(job: _Job, workers: int, desc: str, progress: bool) -> list[tuple[str, Any]]:
-    """Results in item order. The job is sent once to each worker process (initializer), not
-    once per item."""
-    n = len(job)
-    bar = tqdm(total=n, desc=desc, unit="file", disable=not progress or n == 0, leave=False)
-    try:
-        if workers <= 1 or n < 64:
-            _set_job(job)
-            results = []
-            for i in range(n):
-                results.append(_run(i))
-                bar.update()
-            return results
-        with ProcessPoolExecutor(workers, initializer=_set_job, initargs=(job,)) as pool:
-            results = []
-            for result in pool.map(_run, range(n), chunksize=max(1, min(64, n // (4 * workers)))):
-                results.append(result)
-                bar.update()
-            return results
-    finally:
-        bar.close()
-        _set_job(None)
 
 
 # --- reporting ---------------------------------------------------------------------------------
@@ -171,6 +63,11 @@ class Report:
     lines: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    # samples read and found good, per label space: training need not decode them again
+    vouched: dict[str, list[tuple[list[str], list[int]]]] = field(default_factory=dict)
+
+    def vouch(self, space: str, files: list[str]) -> None:
+        self.vouched.setdefault(space, []).append((files, stamp(files)))
 
     def say(self, line: str, echo: Callable[[str], None]) -> None:
         self.lines.append(line)
@@ -192,10 +89,10 @@ def _coco_list(report: Report, root: str, cache: str, split_dir: str, list_name:
     published, built = coco.curated_list_candidates(root, cache, split_dir, list_name)
     if os.path.isfile(published):
         report.say(f"  {split_dir}: curated list {published} (published copy)", echo)
-        return read_id_list(published)
+        return _read_list(published)
     if os.path.isfile(built) and not rebuild:
         report.say(f"  {split_dir}: curated list {built} (built earlier by prepare)", echo)
-        return read_id_list(built)
+        return _read_list(built)
     label_dir = os.path.join(root, "annotations", split_dir)
     names = sorted(n for n in list_files(label_dir) if n.endswith(".png"))
     job = CurateJob([os.path.join(label_dir, n) for n in names], coco.curation_lut(list_name))
@@ -203,17 +100,29 @@ def _coco_list(report: Report, root: str, cache: str, split_dir: str, list_name:
     errors = _errors_of(results)
     if errors:
         report.errors.extend(errors)
+        report.say(f"  {split_dir}: {len(errors)} unusable annotations, {list_name} not built", echo)
         return None
     ids = [n[:-4] for n, (_, keep) in zip(names, results) if keep]
+    if not ids:
+        report.errors.append(f"{label_dir}: none of the {len(names):,} annotations meets IIC's rule "
+                             f"(both sides >= 360 px, >= 75% target pixels): {list_name} not built")
+        return None
     atomic_write_text(built, "".join(i + "\n" for i in ids))
     report.say(f"  {split_dir}: built {built} by IIC's rule ({len(ids):,} of {len(names):,} "
                "annotated images kept)", echo)
     return ids
 
 
+def _read_list(path: str) -> list[str]:
+    ids = read_id_list(path)  # refuses duplicate ids and ids holding folders
+    if not ids:
+        raise DatasetFileError(f"curated list {path} is empty: expected one image id per line")
+    return ids
+
+
 def _write_cache(report: Report, protocol: EvalProtocol, folder: str, split: str, ids: list[str],
-                 source: SegmentationFiles, manifest: tuple[str, dict], force: bool,
-                 workers: int, progress: bool, echo) -> None:
+                 source: SegmentationFiles, manifest: tuple[str, dict], cached: LabelSpace,
+                 force: bool, workers: int, progress: bool, echo) -> None:
     path, expected = manifest
     if not force and cache_matches(path, expected, warn=False):
         report.say(f"  cache {folder}: up to date ({len(ids):,} items)", echo)
@@ -225,6 +134,10 @@ def _write_cache(report: Report, protocol: EvalProtocol, folder: str, split: str
     results = run_job(job, workers, f"cache {protocol.name} {os.path.basename(folder)}", progress)
     errors = _errors_of(results)
     written = sum(status == "written" for status, _ in results)
+    for index, (status, _) in enumerate(results):
+        if status == "written":  # read, checked and written here: both copies are known good
+            report.vouch(source.labels.expected, sample_files(source.samples[index]))
+            report.vouch(cached.expected, list(outputs[index]))
     if errors:
         report.errors.extend(errors)
         report.say(f"  cache {folder}: {len(errors)} unreadable files, manifest not written", echo)
@@ -261,8 +174,8 @@ def _prepare_coco(report: Report, name: str, protocols: list[EvalProtocol], cach
             source = SegmentationFiles(name, pairs, read_pair, coco.CACHE_LABELS,
                                        protocol.cache_steps(split), source=root)
             manifest = (manifest_path(folder, list_name), coco.cache_manifest(ids, protocol, split))
-            _write_cache(report, protocol, folder, split, ids, source, manifest, force, workers,
-                         progress, echo)
+            _write_cache(report, protocol, folder, split, ids, source, manifest, coco.CACHED_LABELS[name],
+                         force, workers, progress, echo)
 
 
 # --- Cityscapes ---------------------------------------------------------------------------------
@@ -284,8 +197,8 @@ def _prepare_cityscapes(report: Report, name: str, protocols: list[EvalProtocol]
                                        source=report.root)
             manifest = (manifest_path(folder, cityscapes.MANIFEST_LIST),
                         cityscapes.cache_manifest(ids, protocol, split))
-            _write_cache(report, protocol, folder, split, ids, source, manifest, force, workers,
-                         progress, echo)
+            _write_cache(report, protocol, folder, split, ids, source, manifest, cityscapes.CACHED_LABELS,
+                         force, workers, progress, echo)
 
 
 # --- Potsdam ------------------------------------------------------------------------------------
@@ -297,8 +210,12 @@ def _prepare_potsdam(report: Report, name: str, workers: int, progress: bool, ec
         labelled = sum(t.label is not None for t in tiles)
         source = SegmentationFiles(name, tiles, potsdam.read_tile, potsdam.LABELS[name], [],
                                    source=report.root)
-        errors = _errors_of(run_job(CheckJob(source), workers, f"check {list_name}", progress))
+        results = run_job(CheckJob(source), workers, f"check {list_name}", progress)
+        errors = _errors_of(results)
         report.errors.extend(errors)
+        for tile, (status, _) in zip(tiles, results):
+            if status == "ok":
+                report.vouch(source.labels.expected, sample_files(tile))
         report.say(f"  {list_name}: {len(tiles):,} tiles, {labelled:,} with gt"
                    f"{_published(published)}" + (f", {len(errors)} unreadable" if errors else ""),
                    echo)
@@ -345,7 +262,20 @@ def prepare(name: str, data_root: str, out: Optional[str] = None, protocol: Opti
                             progress, echo)
     else:
         _prepare_potsdam(report, name, workers, progress, echo)
+    _record(report, cache, echo)
     return report
+
+
+def _record(report: Report, cache: str, echo) -> None:
+    """The samples checked here, for training to skip (san_fast/data/verify.py)."""
+    if not report.vouched:
+        return
+    record = VerifiedRecord(cache)
+    for space, entries in report.vouched.items():
+        record.add(space, entries)
+    why = record.save()
+    if why:
+        report.say(f"  could not record the checked files in {cache} ({why})", echo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,11 +20,13 @@ import colorsys
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from san_fast.data.transforms import train_crop_step
 
 TEXTURES = ("stripes", "flat", "checker", "grain", "dots", "noise", "hatch", "waves")
 
@@ -218,13 +220,15 @@ class SyntheticScenes(Dataset):
     """``length`` seeded scenes of ``size`` x ``size`` pixels over ``num_classes`` materials.
 
     Item ``i`` depends only on ``(seed, split, i)``; ``split`` selects an independent random
-    stream, so train and val never share a scene. ``cache=True`` keeps rendered items in
-    memory (off by default: rendering costs about a millisecond, and a cache would be copied
-    into every DataLoader worker).
+    stream, so train and val never share a scene. ``transform`` (a training crop step of
+    san_fast.data.transforms) is applied to each rendered scene, drawing from torch's default
+    generator like the real datasets' steps. ``cache=True`` keeps rendered scenes in memory
+    (off by default: rendering costs about a millisecond, and a cache would be copied into
+    every DataLoader worker).
     """
 
     def __init__(self, num_classes: int, size: int, length: int, seed: int, split: str = "train",
-                 cache: bool = False):
+                 cache: bool = False, transform: Optional[Callable] = None):
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if size < 8:
@@ -238,29 +242,65 @@ class SyntheticScenes(Dataset):
         self.length = length
         self.seed = seed
         self.split = split
+        self.transform = transform
         self.class_names = class_names(num_classes)
-        self._cache: Optional[dict[int, tuple[torch.Tensor, torch.Tensor]]] = {} if cache else None
+        self._cache: Optional[dict[int, tuple[np.ndarray, np.ndarray]]] = {} if cache else None
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The rendered scene ``index``: image uint8 (3, size, size), labels int64 (size, size)."""
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} synthetic scenes")
         index %= self.length
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index])
-        image, labels = render(self.num_classes, self.size, rng)
-        item = torch.from_numpy(image), torch.from_numpy(labels)
+        item = render(self.num_classes, self.size, rng)
         if self._cache is not None:
             self._cache[index] = item
         return item
 
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, labels = self.scene(index)
+        if self.transform is not None:
+            # The steps work on HxWxC uint8 images and uint8 labels with 255 = ignored padding.
+            hwc, small = self.transform(image.transpose(1, 2, 0), labels.astype(np.uint8))
+            image = np.ascontiguousarray(hwc.transpose(2, 0, 1))
+            labels = small.astype(np.int64)
+        return torch.from_numpy(image), torch.from_numpy(labels)
 
-def build(cfg, split: str) -> SyntheticScenes:
-    """The synthetic dataset of a Config. Validation images are crop_size too (no resizing)."""
-    if split not in _SPLIT_IDS:
-        raise ValueError(f"split={split!r}: expected one of {tuple(_SPLIT_IDS)}")
-    length = cfg.synthetic_train_size if split == "train" else cfg.synthetic_val_size
-    return SyntheticScenes(cfg.synthetic_classes, cfg.crop_size, length, cfg.synthetic_seed, split)
+
+def image_size(cfg) -> int:
+    """Side of the generated scenes: ``cfg.synthetic_image_size`` when set (training then takes
+    ``crop_size`` crops of them and evaluation sees whole scenes), else ``crop_size``."""
+    size = getattr(cfg, "synthetic_image_size", None) or cfg.crop_size
+    if size < cfg.crop_size:
+        raise ValueError(f"synthetic_image_size={size} is smaller than crop_size={cfg.crop_size}: "
+                         "training crops are cut from the scenes")
+    if size % cfg.patch_size:
+        raise ValueError(f"synthetic_image_size={size} must be a multiple of patch_size="
+                         f"{cfg.patch_size}")
+    return size
+
+
+def build(cfg, part: str, training: bool) -> SyntheticScenes:
+    """The synthetic scenes of a Config: training items are the configured training crop of each
+    scene (the identity for the paper's crop while scenes are crop_size); evaluation items are
+    whole scenes."""
+    if part not in _SPLIT_IDS:
+        raise ValueError(f"split={part!r}: expected one of {tuple(_SPLIT_IDS)}")
+    length = cfg.synthetic_train_size if part == "train" else cfg.synthetic_val_size
+    return SyntheticScenes(cfg.synthetic_classes, image_size(cfg), length, cfg.synthetic_seed, part,
+                           transform=train_crop_step(cfg) if training else None)
+
+
+def part_words(cfg, part: str, training: bool) -> str:
+    length = cfg.synthetic_train_size if part == "train" else cfg.synthetic_val_size
+    size = image_size(cfg)
+    return f"{length} generated {part} scenes of {size}x{size}"
+
+
+def input_words(cfg) -> str:
+    return "RGB (generated)"

@@ -1,29 +1,37 @@
 """Resizing, cropping and flipping of (image, label) pairs, and the evaluation protocols.
 
 Each step is a small frozen dataclass called as ``step(image, label, generator=None)`` on numpy
-arrays (image HxWx3 uint8, label HxW uint8 of training ids, 255 ignored) and returns the new
-pair. Steps are picklable, so datasets holding them work in DataLoader workers under any start
-method. Images are resampled bilinearly, labels by nearest neighbour; padding, where a crop is
-larger than the image, is 0 for images and 255 (ignored) for labels.
+arrays (image HxWxC uint8 with C = 3, or 4 for Potsdam's RGB + IR; label HxW uint8 of training
+ids, 255 ignored) and returns the new pair. Steps are picklable, so datasets holding them work in
+DataLoader workers under any start method. Images are resampled bilinearly, labels by nearest
+neighbour; padding, where a crop is larger than the image, is 0 for images and 255 (ignored) for
+labels.
 
-Augmentation runs in the workers on uint8 arrays (cheap to pin and copy); there is no batched
-GPU augmentation here.
+Augmentation runs in the workers on uint8 arrays (cheap to pin and copy); colour augmentation
+runs on whole batches on the device (san_fast.augment).
 
 Protocols (``cfg.eval_protocol``):
 - ``picie`` (PiCIE, Cho et al. 2021; STEGO, Hamilton et al. 2022): short side resized to 320,
   centre crop 320x320. Both peers do this with torchvision on PIL images; the steps below make
-  the same PIL calls with torchvision's size and offset rounding.
+  the same PIL calls with torchvision's size and offset rounding (PiCIE's bilinear; STEGO
+  resizes images with nearest neighbour, see README, Evaluation protocol).
 - ``iic`` (IIC, Ji et al. 2019): COCO-Stuff images prescaled by 0.33 (``cv2.resize`` with
   INTER_LINEAR / INTER_NEAREST, i.e. no antialiasing), then centre crop 128 with IIC's
   ``pad_and_or_crop``; Potsdam tiles kept at 200x200 (centre crop 200 = the whole tile).
+
+Training crops (``cfg.train_crop``), taken from the protocol's base resolution, so training sees
+objects at the scale they are evaluated at:
+- ``paper``: random ``crop_size`` crops with no resampling ("images are cropped to 128x128");
+  a horizontal flip for Potsdam only (the paper augments Potsdam alone, "following IIC").
+- ``resized``: torchvision's random resized crop (area ``train_crop_scale``, aspect 3/4-4/3)
+  resampled to ``crop_size``, plus a horizontal flip, for every dataset.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -43,10 +51,17 @@ FLIP_P = 0.5
 def _pil_resize(image: np.ndarray, label: np.ndarray, size_wh: tuple[int, int],
                 box: Optional[tuple[int, int, int, int]] = None) -> Pair:
     """PIL bilinear (antialiased when shrinking, as torchvision on PIL images) for the image,
-    nearest for the label."""
-    out_image = Image.fromarray(image).resize(size_wh, Image.BILINEAR, box=box)
+    nearest for the label. A 4-channel image (RGB + IR) is resized as RGB plus one 8-bit band:
+    as RGBA, PIL would premultiply the IR channel into the colours."""
+    if image.ndim == 3 and image.shape[2] == 4:
+        rgb, ir = image[:, :, :3], np.ascontiguousarray(image[:, :, 3])
+        out_rgb = Image.fromarray(rgb).resize(size_wh, Image.BILINEAR, box=box)
+        out_ir = Image.fromarray(ir).resize(size_wh, Image.BILINEAR, box=box)
+        out_image = np.concatenate([np.asarray(out_rgb), np.asarray(out_ir)[:, :, None]], axis=2)
+    else:
+        out_image = np.asarray(Image.fromarray(image).resize(size_wh, Image.BILINEAR, box=box))
     out_label = Image.fromarray(label).resize(size_wh, Image.NEAREST, box=box)
-    return np.asarray(out_image), np.asarray(out_label)
+    return out_image, np.asarray(out_label)
 
 
 @dataclass(frozen=True)
@@ -199,37 +214,103 @@ class RandomResizedCropFlip:
             image, label = image[:, ::-1], label[:, ::-1]
         return image, label
 
+    def words(self) -> str:
+        return (f"random resized crop to {self.size}x{self.size} (area {self.scale[0]:g}-"
+                f"{self.scale[1]:g}, aspect 3/4-4/3, bilinear / nearest), horizontal flip "
+                f"p={self.flip_p:g}")
 
-# --- protocols -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RandomCropFlip:
+    """The paper's training crop: a random ``size`` x ``size`` window of the image as it is (no
+    resampling), after centred padding (0 for images, 255 for labels) where the image is
+    smaller, then a horizontal flip with probability ``flip_p``. IIC's training crops are also
+    random windows at the evaluation scale (``pad_and_or_crop(mode="random")`` in
+    code/datasets/segmentation/cocostuff.py and potsdam.py)."""
+
+    size: int
+    flip_p: float = 0.0
+
+    def sample(self, h: int, w: int, generator: Optional[torch.Generator] = None
+               ) -> tuple[int, int, bool]:
+        """(top, left, flip) of one draw on an image of at least size x size."""
+        top = _randint(0, h - self.size, generator)
+        left = _randint(0, w - self.size, generator)
+        flip = self.flip_p > 0 and float(torch.rand(1, generator=generator)) < self.flip_p
+        return top, left, flip
+
+    def __call__(self, image: np.ndarray, label: np.ndarray,
+                 generator: Optional[torch.Generator] = None) -> Pair:
+        s = self.size
+        h, w = label.shape
+        dh, dw = max(s - h, 0), max(s - w, 0)
+        image, label = _pad(image, label, dh // 2, (dh + 1) // 2, dw // 2, (dw + 1) // 2)
+        top, left, flip = self.sample(*label.shape, generator)
+        image, label = image[top:top + s, left:left + s], label[top:top + s, left:left + s]
+        if flip:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return image, label
+
+    def words(self) -> str:
+        flip = f", horizontal flip p={self.flip_p:g}" if self.flip_p else ", no flip"
+        return (f"random {self.size}x{self.size} crop, no resampling (padding 0 / 255 where the "
+                f"image is smaller){flip}")
+
+
+# --- training crops and protocols --------------------------------------------------------------
 
 PICIE_FOLLOWS = "PiCIE (Cho et al. 2021) and STEGO (Hamilton et al. 2022)"
 IIC_FOLLOWS = "IIC (Ji, Henriques and Vedaldi 2019)"
+POTSDAM_DATASETS = ("potsdam", "potsdam3")
+TrainCrop = Union[RandomCropFlip, RandomResizedCropFlip]
+
+
+def train_crop_scale(cfg: Any) -> tuple[float, float]:
+    scale = tuple(getattr(cfg, "train_crop_scale", TRAIN_CROP_SCALE))
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"train_crop_scale={scale}: expected (lo, hi) with 0 < lo <= hi <= 1")
+    return float(scale[0]), float(scale[1])
+
+
+def train_crop_step(cfg: Any) -> TrainCrop:
+    """The training crop of ``cfg.train_crop`` (see the module docstring)."""
+    if cfg.train_crop == "paper":
+        # The paper flips Potsdam only ("For the POTSDAM dataset, we applied ... horizontal
+        # flipping ... following IIC"); its other datasets get the crop alone.
+        return RandomCropFlip(cfg.crop_size, FLIP_P if cfg.dataset in POTSDAM_DATASETS else 0.0)
+    if cfg.train_crop == "resized":
+        return RandomResizedCropFlip(cfg.crop_size, scale=train_crop_scale(cfg))
+    raise ValueError(f"train_crop={cfg.train_crop!r}: expected paper or resized")
 
 
 @dataclass(frozen=True)
 class EvalProtocol:
     """Where images are resampled before both training crops and evaluation (``base``), and the
     evaluation crop. The prepare cache stores train images after ``base`` and val images after
-    ``base`` + ``crop``: ``steps(split) == cache_steps(split) + steps_after_cache(split)``."""
+    ``base`` + ``crop``; the step lists below say what remains to do for an item read from the
+    original files or from the cache."""
 
     name: str
     follows: str
     base: Optional[Any]  # ResizeShortSide | Rescale | None
     crop: CentreCrop
 
-    def _train_crop(self, crop_size: int, scale: Sequence[float]) -> RandomResizedCropFlip:
-        return RandomResizedCropFlip(crop_size, scale=(float(scale[0]), float(scale[1])))
+    def _base(self) -> list:
+        return [self.base] if self.base is not None else []
 
     def cache_steps(self, split: str) -> list:
-        steps = [self.base] if self.base is not None else []
-        return steps if split == "train" else steps + [self.crop]
+        return self._base() if split == "train" else self._base() + [self.crop]
 
-    def steps_after_cache(self, split: str, crop_size: int,
-                          scale: Sequence[float] = TRAIN_CROP_SCALE) -> list:
-        return [self._train_crop(crop_size, scale)] if split == "train" else []
+    def training_steps(self, train_crop: TrainCrop, from_cache: bool) -> list:
+        """A training item: the cache holds train images at the base resolution already."""
+        return ([] if from_cache else self._base()) + [train_crop]
 
-    def steps(self, split: str, crop_size: int, scale: Sequence[float] = TRAIN_CROP_SCALE) -> list:
-        return self.cache_steps(split) + self.steps_after_cache(split, crop_size, scale)
+    def evaluation_steps(self, split: str, from_cache: bool) -> list:
+        """An evaluation item of either split (IIC's partitions also score train images): the
+        cache holds val images cropped and train images at the base resolution."""
+        if from_cache:
+            return [] if split == "val" else [self.crop]
+        return self._base() + [self.crop]
 
     def cache_key(self) -> str:
         """Identifies what a cache built for this protocol holds (checked by the loaders)."""
@@ -264,7 +345,6 @@ def protocol_for(dataset: str, protocol: str) -> EvalProtocol:
 
 _FAMILIES = {"coco27": "cocostuff", "coco15": "cocostuff", "coco3": "cocostuff",
              "cityscapes": "cityscapes", "potsdam": "potsdam", "potsdam3": "potsdam"}
-_MODULES = {"cocostuff": "coco", "cityscapes": "cityscapes", "potsdam": "potsdam"}
 
 
 def dataset_family(dataset: str) -> str:
@@ -275,41 +355,10 @@ def dataset_family(dataset: str) -> str:
         raise ValueError(f"dataset {dataset!r}: expected one of {', '.join(_FAMILIES)}") from None
 
 
-def train_crop_scale(cfg: Any) -> tuple[float, float]:
-    scale = tuple(getattr(cfg, "train_crop_scale", TRAIN_CROP_SCALE))
-    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise ValueError(f"train_crop_scale={scale}: expected (lo, hi) with 0 < lo <= hi <= 1")
-    return float(scale[0]), float(scale[1])
-
-
 def protocol_description(cfg: Any) -> dict:
-    """What the run's data pipeline does, for metrics.json: splits, resolution, crops, and which
-    peer's protocol it follows."""
-    if cfg.dataset == "synthetic":
-        return {"dataset": "synthetic", "protocol": None,
-                "note": "generated images (san_fast.data.synthetic); no resizing or cropping"}
-    proto = protocol_for(cfg.dataset, cfg.eval_protocol)
-    family = dataset_family(cfg.dataset)
-    module = importlib.import_module(f"san_fast.data.{_MODULES[family]}")
-    lo, hi = train_crop_scale(cfg)
-    crop = proto.crop.size
-    return {
-        "dataset": cfg.dataset,
-        "protocol": proto.name,
-        "follows": proto.follows,
-        "splits": module.describe_splits(cfg.dataset),
-        "input": module.INPUT_DESCRIPTION,
-        "eval_resize": proto.base_words(),
-        "eval_crop": (f"centre crop {crop}x{crop} ({proto.crop.rounding} offsets; padding 0 for "
-                      "images, 255 for labels where an image is smaller)"),
-        "train_transform": (
-            f"{proto.base_words()}; random resized crop to {cfg.crop_size}x{cfg.crop_size} "
-            f"(area {lo:g}-{hi:g}, aspect 3/4-4/3, bilinear / nearest), horizontal flip p={FLIP_P}"
-        ),
-        "ignore_label": IGNORE,
-        "matching": ("Hungarian matching of clusters to classes on the confusion matrix "
-                     "accumulated over the whole val split; pixel accuracy and mIoU after matching"
-                     + (". IIC's held-out runs fit the matching on the labelled training data "
-                        "(train2017 / labelled_train) and score the val split with it"
-                        if proto.name == "iic" else "")),
-    }
+    """Everything a run's scores depend on besides the weights, for metrics.json: data, input
+    bands, crops, the evaluation split and matching, the over-clustering rule, the model variant.
+    (Assembled in san_fast.data.describe; kept importable from here for the trainer.)"""
+    from san_fast.data.describe import run_description  # it reaches the model and metrics modules
+
+    return run_description(cfg)

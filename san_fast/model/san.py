@@ -11,10 +11,11 @@ import torch.nn.functional as F
 
 from san_fast import ops
 from san_fast.config import Config
+from san_fast.data import input_channels
 from san_fast.model.attention import resolve_backend
 from san_fast.model.encoders import build_encoder
 from san_fast.model.generator import MultiHeadGenerator, TokenMatcher, global_batch_mean
-from san_fast.model.vit import ViT
+from san_fast.model.variants import build_generator_backbone
 
 
 class SAN(nn.Module):
@@ -22,13 +23,15 @@ class SAN(nn.Module):
         super().__init__()
         self.cfg = cfg
         p, n, d = cfg.embed_dim, cfg.semantics(), cfg.vit_width()
+        c = input_channels(cfg)  # 3, or 4 for Potsdam's RGB + IR
         self.num_semantics = n
-        self.encoder = build_encoder(cfg.encoder, p)
-        self.vit = ViT(cfg.crop_size, cfg.patch_size, d, cfg.vit_depth, cfg.vit_num_heads())
+        self.encoder = build_encoder(cfg.encoder, p, c)
+        # The semantic-wise generator's backbone (Table 4, "Dec."): ViT, ResNet-18 or UNet tokens.
+        self.backbone = build_generator_backbone(cfg, c)
         self.generator = MultiHeadGenerator(d, p, n)
         self.matcher = TokenMatcher(d, n) if cfg.token_matcher else None
-        # Consistency sustainer F_G: one 1x1 conv shared by Q and Theta.
-        self.recon = nn.Conv2d(p, 3, kernel_size=1)
+        # Consistency sustainer F_G: one 1x1 conv shared by Q and Theta, back to the C input bands.
+        self.recon = nn.Conv2d(p, c, kernel_size=1)
         # Evaluation uses a running batch-wise descriptor, like BatchNorm's running stats, so a
         # prediction does not depend on which other images share its batch.
         self.register_buffer("running_g", torch.zeros(d))
@@ -38,7 +41,7 @@ class SAN(nn.Module):
 
     def set_attention_backend(self, name: str, device: torch.device) -> str:
         backend = resolve_backend(name, device)
-        self.vit.set_attention_backend(backend)
+        self.backbone.set_attention_backend(backend)
         return backend
 
     def _batch_descriptor(self, g_b: torch.Tensor) -> torch.Tensor:
@@ -53,7 +56,7 @@ class SAN(nn.Module):
 
     def semantics(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image batch -> (gamma (B,N,P) fed to SEAT, zeta (N,P) or (B,N,P) for the uniformity)."""
-        g_b = self.vit(x).mean(dim=1)
+        g_b = self.backbone(x).mean(dim=1)
         zeta = self.generator(self._batch_descriptor(g_b) if self.cfg.batch_wise else g_b)
         gamma = zeta.expand(x.shape[0], -1, -1) if zeta.dim() == 2 else zeta
         if self.matcher is not None:
@@ -61,7 +64,7 @@ class SAN(nn.Module):
         return gamma, zeta
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B,3,H,W) normalised -> Q (B,P,H,W), gamma (B,N,P), zeta."""
+        """x (B,C,H,W) normalised -> Q (B,P,H,W), gamma (B,N,P), zeta."""
         q = self.encoder(x)
         gamma, zeta = self.semantics(x)
         return q, gamma, zeta
@@ -70,7 +73,9 @@ class SAN(nn.Module):
         """Eq. 9: reconstruction of x from Q and from Theta, plus uniformity of the semantics.
 
         Returns the loss terms (with their weighted sum as "loss") and Q, gamma, which the
-        trainer uses to watch for collapse without a second forward pass.
+        trainer uses to watch for collapse without a second forward pass. Q and gamma come back
+        detached: returned attached, a compiled step's backward would allocate a zero gradient
+        the size of Q for them and read it in both BatchNorm backward passes.
         """
         q, gamma, zeta = self(x)
         out: dict[str, torch.Tensor] = {}
@@ -84,14 +89,30 @@ class SAN(nn.Module):
         data_terms = sum(out.values())
         out["uni"] = uniformity_loss(zeta)
         out["loss"] = data_terms + self.cfg.uniformity_weight * out["uni"]
-        return out, q, gamma
+        return out, q.detach(), gamma.detach()
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,3,H,W) -> cluster ids (B,H,W): argmax of the SEAT attention over N."""
+    def predict(self, x: torch.Tensor, return_finite: bool = False):
+        """x (B,C,H,W) -> cluster ids (B,H,W): argmax of the SEAT attention over N. With
+        `return_finite`, also a bool tensor on the device, False when Q or the semantics hold a
+        NaN or inf (an argmax of those would still look like a prediction); it costs one more
+        read of Q and no host synchronisation."""
         q, gamma, _ = self(x)
-        labels = ops.seat_labels(q, gamma, impl=self.seat_impl)
-        return labels.view(x.shape[0], *x.shape[-2:])
+        labels = ops.seat_labels(q, gamma, impl=self.seat_impl).view(x.shape[0], *x.shape[-2:])
+        if not return_finite:
+            return labels
+        # min and max propagate NaN, so two finite extremes mean every value is finite.
+        q_min, q_max = torch.aminmax(q)
+        finite = torch.isfinite(q_min) & torch.isfinite(q_max) & torch.isfinite(gamma).all()
+        return labels, finite
+
+    def segment(self, images, max_side=None, batch_size=8):
+        """Cluster ids for images of any size: uint8, uint16 or [0, 1] float; torch (C,H,W) or
+        (B,C,H,W), numpy/PIL (H,W[,C]) or (B,H,W,C), or a list of them. Eval mode, no grad.
+        See san_fast.inference.segment for the details."""
+        from san_fast.inference import segment  # loaded on first use: training never needs it
+
+        return segment(self, images, max_side=max_side, batch_size=batch_size)
 
 
 def alignment_loss(q: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""The semantic-wise generator's backbone: a plain pre-norm ViT, random init, no class token."""
+"""The semantic-wise generator's backbone: a plain ViT, random init, no class token.
+
+``norm`` places the LayerNorms: ``post`` is the Transformer of Vaswani et al. (2017), which the
+paper names ("the simplest transformer mentioned in (Vaswani et al. 2017)"): x = LN(x + f(x))
+after attention and after the MLP, and no final LayerNorm (the last block's output is normalised
+already). ``pre`` is the ViT/timm placement: x = x + f(LN(x)), with a final LayerNorm.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +29,15 @@ class SelfAttention(nn.Module):
         return self.proj(attention(q, k, v, self.backend).reshape(b, m, d))
 
 
+NORMS = ("pre", "post")
+
+
 class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, norm: str = "pre"):
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"vit_norm={norm!r}: expected one of {', '.join(NORMS)}")
+        self.pre_norm = norm == "pre"
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SelfAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
@@ -33,22 +45,26 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if self.pre_norm:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attn(x))
+        return self.norm2(x + self.mlp(x))
 
 
 class ViT(nn.Module):
     """Patch embedding + learned positions + `depth` blocks -> tokens T (B, K, D)."""
 
-    def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int):
+    def __init__(self, image_size: int, patch_size: int, dim: int, depth: int, heads: int,
+                 in_channels: int = 3, norm: str = "pre"):
         super().__init__()
         self.patch_size = patch_size
         self.grid = image_size // patch_size
-        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList(Block(dim, heads, norm=norm) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim) if norm == "pre" else nn.Identity()
         self.apply(_init_weights)
 
     def set_attention_backend(self, backend: str) -> None:

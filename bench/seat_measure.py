@@ -1,0 +1,303 @@
+"""SEAT + reconstruction, measured: the fused Triton op against PyTorch ways of computing the same
+thing, speed and memory, against the traffic model and the floor (issue 8, line 6).
+
+Variants: `triton` (san_fast.ops, impl="triton"), `eager` (the plain PyTorch reference),
+`compiled` (torch.compile of the reference; GPU only), `sdpa` (Theta through
+F.scaled_dot_product_attention with gamma as key and value, then the 1x1 conv as a linear).
+Modes: `fwd`, `fwdbwd` (forward + backward of both reconstructions), `loss` (L_rec + L_con and
+their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax).
+
+Per case: device time (san_fast's bench.timing: CUDA events, L2 flushed before each run); the
+floor (san_fast.kernels.traffic.floor_bytes: forward one read of Q; forward+backward two reads
+of Q and one write of dQ; fused loss one read and one write) and, for the Triton variant, the
+bytes the traffic model says its launches move; GB/s over each and the floor's GB/s as a
+fraction of the measured copy bandwidth; the peak memory the op allocates beyond its inputs
+and the dQ it must return, as a fraction of Q. Targets (H100, paper shape) beside those rows.
+
+`python -m bench.seat_measure --json PATH --budget S` runs the paper shape first, then the
+sweeps while the budget lasts; `--dry-run` one tiny fp32 shape (CPU: Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from bench.runner import StageReport
+from bench.timing import copy_bandwidth, extra_peak_bytes, time_ms
+from san_fast import ops
+
+# Targets at the paper shape on an H100 (issue 8): milliseconds per mode, extra memory vs Q.
+TARGET_MS = {"fwd": 0.23, "fwdbwd": 0.67, "loss": 0.45}
+TARGET_EXTRA_OF_Q = 0.05
+TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels"}
+MODES = ("fwd", "fwdbwd", "loss", "labels")
+
+
+@dataclass(frozen=True)
+class Shape:
+    B: int
+    M: int
+    P: int
+    N: int
+    C: int
+    dtype: torch.dtype
+
+    def q_bytes(self) -> int:
+        return self.B * self.M * self.P * torch.finfo(self.dtype).bits // 8
+
+    def as_dict(self) -> dict:
+        return {"B": self.B, "M": self.M, "P": self.P, "N": self.N, "C": self.C, "dtype": str(self.dtype)}
+
+
+PAPER = Shape(16, 128 * 128, 1024, 27, 3, torch.bfloat16)
+TINY = Shape(1, 16 * 16, 64, 6, 3, torch.float32)
+
+
+def sweep_shapes() -> dict[str, Shape]:
+    """Issue 8's sweep: N in {6, 64, 100, 256}, HW from 32x32 to 256x256, B from 1 to 64."""
+    shapes = {f"n{n}": replace(PAPER, N=n) for n in (6, 64, 100, 256)}
+    shapes.update({f"hw{s}x{s}": replace(PAPER, M=s * s) for s in (32, 64, 256)})
+    shapes.update({f"b{b}": replace(PAPER, B=b) for b in (1, 64)})
+    return shapes
+
+
+def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
+    """(variant, mode) pairs: every variant at the paper (or tiny) shape, Triton and eager in sweeps."""
+    if shape_name in ("paper", "tiny"):
+        variants = ("triton", "eager", "sdpa") + (("compiled",) if device.type == "cuda" else ())
+    else:
+        variants = ("triton", "eager")
+    out = []
+    for variant in variants:
+        for mode in MODES:
+            if mode == "labels" and (variant not in ("triton", "eager") or shape_name not in ("paper", "tiny")):
+                continue
+            if variant == "sdpa" and mode == "loss":
+                continue
+            out.append((variant, mode))
+    return out
+
+
+def make_inputs(s: Shape, device: torch.device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    side = int(s.M ** 0.5)
+    q = torch.randn(s.B, s.P, side, side, device=device, generator=gen).to(s.dtype)
+    q = q.contiguous(memory_format=torch.channels_last).requires_grad_()
+    gamma = torch.randn(s.B, s.N, s.P, device=device, generator=gen).requires_grad_()
+    weight = (torch.randn(s.C, s.P, 1, 1, device=device, generator=gen) / s.P ** 0.5).requires_grad_()
+    bias = torch.randn(s.C, device=device, generator=gen).requires_grad_()
+    x = torch.randn(s.B, s.C, side, side, device=device, generator=gen).to(s.dtype)
+    grads = tuple(torch.randn(s.B, s.M, s.C, device=device, generator=gen).to(s.dtype) for _ in range(2))
+    return q, gamma, weight, bias, x, grads
+
+
+def sdpa_reconstruct(q, gamma, weight, bias):
+    rows = q.flatten(2).transpose(1, 2)
+    g = gamma.to(rows.dtype).unsqueeze(1)
+    theta = F.scaled_dot_product_attention(rows.unsqueeze(1), g, g).squeeze(1)
+    w = weight.flatten(1).to(rows.dtype)
+    b = bias.to(rows.dtype)
+    return F.linear(rows, w, b), F.linear(theta, w, b)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn)
+
+
+def reconstruct_fn(variant: str):
+    if variant == "triton":
+        return functools.partial(ops.seat_reconstruct, impl="triton")
+    if variant == "compiled":
+        return _compiled(ops.seat_reconstruct_reference)
+    return {"eager": ops.seat_reconstruct_reference, "sdpa": sdpa_reconstruct}[variant]
+
+
+def loss_fn(variant: str):
+    if variant == "triton":
+        return functools.partial(ops.seat_reconstruct_loss, impl="triton")
+    if variant == "compiled":
+        return _compiled(ops.seat_reconstruct_loss_reference)
+    return {"eager": ops.seat_reconstruct_loss_reference}[variant]
+
+
+def labels_fn(variant: str):
+    return functools.partial(ops.seat_labels, impl="triton") if variant == "triton" else ops.seat_labels_reference
+
+
+def build(variant: str, mode: str, inputs):
+    """A no-argument callable running one case; it returns its outputs (kept alive for the
+    memory measurement)."""
+    q, gamma, weight, bias, x, grads = inputs
+    params = (q, gamma, weight, bias)
+    if mode == "fwd":
+        op = reconstruct_fn(variant)
+
+        def run():
+            with torch.no_grad():
+                return op(q, gamma, weight, bias)
+    elif mode == "fwdbwd":
+        op = reconstruct_fn(variant)
+
+        def run():
+            return torch.autograd.grad(op(q, gamma, weight, bias), params, grads)
+    elif mode == "loss":
+        op = loss_fn(variant)
+
+        def run():
+            l_rec, l_con = op(q, gamma, weight, bias, x)
+            return torch.autograd.grad(l_rec + l_con, params)
+    else:
+        op = labels_fn(variant)
+
+        def run():
+            with torch.no_grad():
+                return op(q.detach(), gamma.detach())
+    return run
+
+
+def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
+    """Floor bytes for the op and, for the Triton variant, the traffic model's bytes."""
+    try:
+        from san_fast.kernels import traffic
+    except ImportError as exc:
+        return {"floor_bytes": None, "modeled_bytes": None, "traffic_error": str(exc)}
+    op = TRAFFIC_OP[mode]
+    floor = traffic.floor_bytes(op, s.B, s.M, s.P, s.N, s.C, s.dtype)
+    modeled = None
+    if variant == "triton":
+        modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu).total_bytes
+    return {"floor_bytes": int(floor), "modeled_bytes": None if modeled is None else int(modeled)}
+
+
+def figures(s: Shape, mode: str, ms: float, bytes_: dict, copy_bps: float, extra) -> dict:
+    """GB/s over the floor and the model, fraction of copy bandwidth, extra memory vs Q."""
+    seconds = ms / 1e3
+    out = {}
+    for key, name in (("floor_bytes", "floor"), ("modeled_bytes", "modeled")):
+        n = bytes_.get(key)
+        out[f"gbps_{name}"] = None if n is None else n / seconds / 1e9
+        out[f"of_copy_bw_{name}"] = None if n is None else n / seconds / copy_bps
+    if extra is not None:
+        must_return = s.q_bytes() if mode in ("fwdbwd", "loss") else 0  # dQ is an output
+        out["extra_peak_bytes"] = extra
+        out["extra_beyond_outputs_of_q"] = (extra - must_return) / s.q_bytes()
+    return out
+
+
+def target_fields(shape_name: str, variant: str, mode: str, ms: float, extra_of_q) -> dict:
+    if shape_name != "paper" or variant != "triton" or mode not in TARGET_MS:
+        return {}
+    return {"target_ms": TARGET_MS[mode], "target_met": ms <= TARGET_MS[mode],
+            "target_extra_of_q": TARGET_EXTRA_OF_Q,
+            "extra_met": None if extra_of_q is None else extra_of_q <= TARGET_EXTRA_OF_Q}
+
+
+def autotuned_configs(mode: str) -> dict:
+    try:
+        from san_fast.kernels import seat_common
+    except ImportError:
+        return {}
+    chosen = getattr(seat_common, "chosen_configs", None)
+    kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss",), "labels": ("forward",)}
+    return chosen(kinds[mode]) if chosen else {}
+
+
+def measure_case(shape_name: str, s: Shape, variant: str, mode: str, inputs, device, copy_bps: float,
+                 gpu, rep_ms: float = 100) -> dict:
+    run = build(variant, mode, inputs)
+    run()  # autotuning / compilation outside the measurement
+    extra = extra_peak_bytes(run, device)
+    timing = time_ms(run, device, rep_ms=rep_ms)
+    bytes_ = traffic_figures(s, mode, variant, gpu)
+    row = {"shape_name": shape_name, "shape": s.as_dict(), "variant": variant, "mode": mode, **timing, **bytes_}
+    row.update(figures(s, mode, timing["ms"], bytes_, copy_bps, extra))
+    row.update(target_fields(shape_name, variant, mode, timing["ms"], row.get("extra_beyond_outputs_of_q")))
+    if variant == "triton":
+        row["autotuned"] = autotuned_configs(mode)
+    return row
+
+
+def _gpu_spec(device: torch.device):
+    if device.type != "cuda":
+        return "H100"
+    from san_fast.gpu_specs import spec_for_device
+
+    return spec_for_device(device)
+
+
+def run_stage(report: StageReport, shapes: dict[str, Shape], device: torch.device, rep_ms: float) -> None:
+    copy_bps = copy_bandwidth(device)
+    report.set(device=str(device), copy_gbps=copy_bps / 1e9)
+    report.note(f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write)")
+    gpu = _gpu_spec(device)
+    for shape_name, s in shapes.items():
+        todo = cases(shape_name, device)
+        inputs = make_inputs(s, device)
+        for variant, mode in todo:
+            # A compile takes tens of seconds; a Triton case a few: leave the rest for later shapes.
+            need = 45.0 if variant == "compiled" else 4.0
+            if not report.deadline.allows(need):
+                report.row({"shape_name": shape_name, "variant": variant, "mode": mode, "status": "skipped (time)"})
+                continue
+            try:
+                row = measure_case(shape_name, s, variant, mode, inputs, device, copy_bps, gpu, rep_ms)
+                row["status"] = "ok"
+            except Exception as exc:  # one failing case must not hide the others' numbers
+                row = {"shape_name": shape_name, "variant": variant, "mode": mode,
+                       "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+            report.row(row)
+            print(format_row(row), flush=True)
+        del inputs
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _fmt(value, spec: str, width: int) -> str:
+    return "-".rjust(width) if value is None else format(value, spec).rjust(width)
+
+
+def format_row(r: dict) -> str:
+    name = f"{r['shape_name']}-{r['variant']}-{r['mode']}"
+    if r.get("status", "ok") != "ok":
+        return f"{name:28s} {r['status']}"
+    return (f"{name:28s} {_fmt(r['ms'], '.3f', 9)} {_fmt(r.get('gbps_floor'), '.0f', 7)} "
+            f"{_fmt(r.get('of_copy_bw_floor'), '.2f', 6)} {_fmt(r.get('extra_beyond_outputs_of_q'), '.3f', 7)}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default=None, help="write the stage report here")
+    p.add_argument("--budget", type=float, default=None, help="seconds; later shapes are skipped past it")
+    p.add_argument("--dry-run", action="store_true", help="one tiny fp32 shape (runs on the CPU)")
+    p.add_argument("--shapes", default=None, help="comma-separated names: paper, " + ", ".join(sweep_shapes()))
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = StageReport(args.json, "seat", args.budget)
+    if args.dry_run or device.type != "cuda":
+        shapes = {"tiny": TINY}
+        if device.type != "cuda":
+            report.note("no CUDA device: one tiny fp32 shape through the Triton interpreter (checks the code, not speed)")
+    else:
+        shapes = {"paper": PAPER, **sweep_shapes()}
+        if args.shapes:
+            wanted = args.shapes.split(",")
+            shapes = {k: v for k, v in shapes.items() if k in wanted}
+    run_stage(report, shapes, device, rep_ms=100 if device.type == "cuda" else 0)
+    skipped = sum(1 for r in report.data["rows"] if r.get("status", "").startswith("skipped"))
+    if skipped:
+        report.note(f"{skipped} cases skipped: the stage's time ran out")
+    errors = sum(1 for r in report.data["rows"] if r.get("status", "").startswith("error"))
+    report.finish("errors" if errors else "ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

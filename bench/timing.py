@@ -1,0 +1,67 @@
+"""Device timing shared by the benchmarks and the GPU check's stages.
+
+On CUDA, `triton.testing.do_bench` does the timing: CUDA events around each run and an L2
+flush (a write over a buffer larger than L2) before each, so no run reads its inputs from the
+cache the previous run left warm. On the CPU (benchmark smoke runs, the GPU check's dry run)
+a host clock times a few rounds: those numbers only show that the code runs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+# Q of the paper shape in bf16 (16 x 128^2 x 1024 x 2 bytes = 512 MiB) on a GPU; a smaller
+# buffer on the CPU, still far larger than its caches.
+COPY_BYTES = {"cuda": 16 * 128 * 128 * 1024 * 2, "cpu": 64 * 2**20}
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
+            cpu_rounds: int = 3) -> dict:
+    """Median, min and max milliseconds of `fn` (which must not depend on earlier runs' state)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        try:
+            times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        except (AssertionError, TypeError):  # a triton without return_mode="all": three quantiles
+            times = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.0, 1.0])
+        method = "cuda events, L2 flushed before each run (triton.testing.do_bench)"
+    else:
+        fn()
+        times = []
+        for _ in range(cpu_rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        method = "host clock (CPU)"
+    return {"ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "runs": len(times), "method": method}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    nbytes = COPY_BYTES[device.type]
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    src.fill_(1)
+    seconds = time_ms(lambda: dst.copy_(src), device, warmup_ms=10, rep_ms=50)["ms"] / 1e3
+    return 2 * nbytes / seconds
+
+
+def extra_peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak memory allocated while `fn` runs beyond what was allocated before (CUDA only),
+    counting what `fn` returns while it is alive."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak

@@ -1,0 +1,193 @@
+"""The SEAT launchers as PyTorch ops: opaque custom ops for torch.compile, autograd Functions.
+
+Custom ops `torch.ops.san_fast.*` (torch.library.custom_op, on CUDA and under the interpreter
+alike):
+
+    seat_forward(q, gamma, weight, bias, save_attn) -> (rec_q, rec_t, attn)   (differentiable)
+    seat_backward(q, gamma, weight, attn, grad_rec_q, grad_rec_t) -> (dq, dgamma, dweight)
+    seat_labels(q, gamma) -> labels
+
+They are opaque on purpose, not torch.library.triton_op: inductor then neither traces the
+kernels nor works out which arguments they mutate. On the lent GPU's stack (torch 2.11 +
+triton 3.6) that analysis fails for kernels that take runtime scalars (pytorch issues 170049,
+173795) and inductor falls back to treating every input as mutated, cloning q around each launch.
+These ops allocate their outputs and mutate nothing, so a compiled graph holds no copy of q
+(tests/test_seat_compile.py reads inductor's output code to check it).
+
+SeatReconstructFunction: seat_forward saving the attention, then seat_backward: exact for any
+upstream gradient. SeatFusedLossFunction (eager only): the one-pass fused loss, whose first
+backward rescales the precomputed dq in place (seat_fused_loss.py). Under torch.compile san_fast.ops
+runs the loss as forward + backward instead: an in-place rescale of a tensor saved for the
+backward is functionalized by AOTAutograd into a copy of dQ, which costs more than the second
+pass it saves.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from san_fast.kernels.seat_backward import MODE_GRADS, combine_through_values, launch_grad
+from san_fast.kernels.seat_forward import seat_forward as launch_forward
+from san_fast.kernels.seat_forward import seat_labels as launch_labels
+from san_fast.kernels.seat_fused_loss import rescale_dq_, seat_fused_loss
+from san_fast.kernels.seat_reference import loss_dtype, losses
+
+
+def _zeros_if_none(grad: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(shape, device=like.device, dtype=like.dtype) if grad is None else grad
+
+
+@torch.library.custom_op("san_fast::seat_forward", mutates_args=())
+def seat_forward_op(
+    q: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], save_attn: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_forward(q, gamma, weight, bias, save_attn=save_attn)
+
+
+@seat_forward_op.register_fake
+def _(q, gamma, weight, bias, save_attn):
+    bsz, m, _ = q.shape
+    c, n = weight.shape[0], gamma.shape[1]
+    attn = q.new_empty((bsz, m, n) if save_attn else (0,))
+    return q.new_empty((bsz, m, c)), q.new_empty((bsz, m, c)), attn
+
+
+@torch.library.custom_op("san_fast::seat_backward", mutates_args=())
+def seat_backward_op(
+    q: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor,
+    grad_rec_q: torch.Tensor, grad_rec_t: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, d_gamma, d_weight, _, s, _, _ = launch_grad(
+        MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad_rec_q, grad_rec_t=grad_rec_t,
+    )
+    d_gamma, d_weight = combine_through_values(d_gamma, d_weight, s, gamma, weight)
+    return dq, d_gamma, d_weight
+
+
+@seat_backward_op.register_fake
+def _(q, gamma, weight, attn, grad_rec_q, grad_rec_t):
+    acc = loss_dtype(q)
+    return torch.empty_like(q), gamma.new_empty(gamma.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc)
+
+
+@torch.library.custom_op("san_fast::seat_labels", mutates_args=())
+def seat_labels_op(q: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return launch_labels(q, gamma)
+
+
+@seat_labels_op.register_fake
+def _(q, gamma):
+    return q.new_empty(q.shape[:2], dtype=torch.int64)
+
+
+class SeatReconstructFunction(torch.autograd.Function):
+    """(q rows, gamma, W, bias, save_attn) -> (rec_q, rec_t, attn); attn is saved for the backward."""
+
+    @staticmethod
+    def forward(q, gamma, weight, bias, save_attn):
+        return torch.ops.san_fast.seat_forward(q, gamma, weight, bias, save_attn)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, gamma, weight, bias, save_attn = inputs
+        ctx.save_for_backward(q, gamma, weight, output[2])
+        ctx.save_attn = save_attn
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    def backward(ctx, grad_rec_q, grad_rec_t, _grad_attn):
+        if not ctx.save_attn:
+            raise RuntimeError("seat_forward ran with save_attn=False, so it kept nothing to differentiate with; "
+                               "call it with save_attn=True (san_fast.ops.seat_reconstruct does) to backpropagate")
+        q, gamma, weight, attn = ctx.saved_tensors
+        shape = (q.shape[0], q.shape[1], weight.shape[0])
+        grad_rec_q = _zeros_if_none(grad_rec_q, shape, q)
+        grad_rec_t = _zeros_if_none(grad_rec_t, shape, q)
+        dq, d_gamma, d_weight = torch.ops.san_fast.seat_backward(q, gamma, weight, attn, grad_rec_q, grad_rec_t)
+        d_bias = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+            d_bias = (grad_rec_q.to(d_gamma.dtype) + grad_rec_t.to(d_gamma.dtype)).sum((0, 1)).to(ctx.bias_dtype)
+        return dq, d_gamma.to(gamma.dtype), d_weight.to(weight.dtype), d_bias, None
+
+
+class SeatFusedLossFunction(torch.autograd.Function):
+    """(q rows, gamma, W, bias, x rows, target_rec_q, h_rec, h_con) -> (L_rec, L_con, saved...).
+
+    Eager only (san_fast.ops routes torch.compile to SeatReconstructFunction). Only the first
+    two outputs are losses; the rest are the precomputed gradients the backward scales.
+
+    The first backward through the graph scales dq_pre in place and returns it: no second
+    dQ-sized buffer, no host sync. dq_pre is then gone, so a later backward through the same
+    graph (retain_graph: gradients of each loss in turn, gradcheck) recomputes dq exactly with
+    the two-pass kernels (one more forward and backward over Q); the host counts the calls."""
+
+    @staticmethod
+    def forward(q, gamma, weight, bias, x, target_rec_q, h_rec, h_con):
+        rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u = seat_fused_loss(
+            q, gamma, weight, bias, x, target_rec_q, h_rec, h_con
+        )
+        l_rec, l_con = losses(rec_q, rec_t, x, target_rec_q, rec_q.dtype)
+        return l_rec, l_con, rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, gamma, weight, bias, x, target_rec_q, h_rec, h_con = inputs
+        _, _, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u = output
+        ctx.save_for_backward(q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u)
+        ctx.mark_non_differentiable(*output[2:])
+        ctx.target_rec_q = target_rec_q
+        ctx.h_rec, ctx.h_con = h_rec, h_con
+        ctx.dtypes = (gamma.dtype, weight.dtype, None if bias is None else bias.dtype, x.dtype)
+        ctx.backward_calls = 0
+
+    @staticmethod
+    def backward(ctx, grad_rec, grad_con, *_unused):
+        q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u = ctx.saved_tensors
+        gamma_dtype, weight_dtype, bias_dtype, x_dtype = ctx.dtypes
+        ctx.backward_calls += 1
+        acc = rec_q.dtype
+        grad_rec = grad_rec.to(acc)
+        grad_con = grad_con.to(acc)
+        # Upstream (g_rec, g_con) against the hint (h_rec, h_con): see kernels/seat_fused_loss.py.
+        a = grad_con / ctx.h_con
+        b = grad_rec - a * ctx.h_rec
+        bsz, m, c = rec_q.shape
+        scale = 2.0 / (bsz * m * c)
+        x_acc = x.to(acc)
+        u = (rec_q - x_acc) * scale
+        w_res = (rec_t - (rec_q if ctx.target_rec_q else x_acc)) * scale
+        needs = ctx.needs_input_grad
+        dq = d_gamma = d_weight = d_bias = dx = None
+        if needs[0] and ctx.backward_calls == 1:
+            # In place, decided on the device: no host sync, no second dQ-sized buffer.
+            dq = rescale_dq_(dq_pre, u, weight, torch.stack([a, b]))
+        elif needs[0]:
+            grad_rec_t = grad_con * w_res
+            grad_rec_q = grad_rec * u - (grad_rec_t if ctx.target_rec_q else 0.0)
+            _, _, attn = torch.ops.san_fast.seat_forward(q, gamma, weight, None, True)
+            dq, _, _ = torch.ops.san_fast.seat_backward(q, gamma, weight, attn, grad_rec_q.to(q.dtype),
+                                                         grad_rec_t.to(q.dtype))
+        if needs[1]:
+            d_gamma = (a * d_gamma_pre).to(gamma_dtype)
+        if needs[2]:
+            d_weight = (a * d_weight_pre + b * d_weight_u).to(weight_dtype)
+        if needs[3] and bias_dtype is not None:
+            d_bias = grad_rec * u.sum((0, 1))
+            if not ctx.target_rec_q:
+                d_bias = d_bias + grad_con * w_res.sum((0, 1))
+            d_bias = d_bias.to(bias_dtype)
+        if needs[4]:
+            dx = -grad_rec * u
+            if not ctx.target_rec_q:
+                dx = dx - grad_con * w_res
+            dx = dx.to(x_dtype)
+        return dq, d_gamma, d_weight, d_bias, dx, None, None, None
+
+
+# The forward op is differentiable on its own too (e.g. for torch.export users), with the same
+# formulas as the autograd.Function the public functions go through.
+torch.library.register_autograd(
+    "san_fast::seat_forward", SeatReconstructFunction.backward, setup_context=SeatReconstructFunction.setup_context
+)

@@ -1,0 +1,267 @@
+"""How each SEAT launch is shaped: tile sizes, autotune candidates, grid and workspace.
+
+The launchers (seat_forward.py, seat_backward.py, seat_fused_loss.py) and the traffic model
+(traffic.py) both build their launches from the functions here, so the bytes the model counts
+are those of the launches that run.
+
+The gradient kernel (seat_backward.py) runs a persistent, lockstep grid (K, T):
+
+* P is cut into K ranges of `p_range` columns (a multiple of 16; the tile is `block_p2`, the next
+  power of two). CTA (j, c) owns range j, so it holds its dGamma (N x range) and dW (C x range)
+  partial sums in registers across every row block it visits: no workspace read-modify-write.
+* The row blocks of all images, (b, rb) in order, are cut into T equal contiguous runs
+  (stream-K): CTA (j, c) takes run c. The K CTAs of run c visit the same row blocks at the
+  same time, so rows they all read (the saved attention; in the fused loss, the whole Q row
+  block) come from HBM once and from L2 for the others (traffic.py states the rule).
+* A CTA writes its partial sums once per image it touches, to slot c + b of a workspace
+  (T + B - 1 slots): runs are contiguous, so (c, b) pairs along them have distinct c + b.
+  reduce_slots_kernel sums each image's slots in a fixed order: deterministic, no atomics.
+
+K * T is at most the SM count (one CTA per SM: the kernel runs near 255 registers per thread),
+and T is the same for every range so that the K CTAs sharing rows stay in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+import triton
+from san_fast.gpu_specs import GPUS, GPUSpec, spec_for_device
+from san_fast.kernels import seat_common as common
+
+MODE_GRADS = 0  # gradients of rec_q / rec_t given (plain backward, from the saved attention)
+MODE_LOSS_IMAGE = 1  # fused loss, L_con = mean((rec_t - x)^2)
+MODE_LOSS_REC_Q = 2  # fused loss, L_con = mean((rec_t - rec_q)^2), rec_q not detached
+LOSS_MODES = (MODE_LOSS_IMAGE, MODE_LOSS_REC_Q)
+
+# Forward / labels: (BLOCK_M, BLOCK_P, num_warps, num_stages) per padded-N bucket, autotuned.
+# The logits tile BLOCK_M x BLOCK_N stays in registers for the whole P loop, so BLOCK_M
+# shrinks as N grows. From offline compiles (compile_report.py): spill-free for bf16 on sm80 and
+# sm90 up to N = 128 (at N = 256 on sm90 only), two per bucket to keep GPU test compiles few.
+FORWARD_TRIPLES = {
+    32: [(128, 64, 8, 3), (64, 128, 4, 3)],
+    64: [(64, 128, 8, 3), (128, 64, 8, 3)],
+    128: [(32, 64, 8, 3), (64, 64, 8, 3)],
+    256: [(64, 32, 8, 2), (32, 64, 8, 3)],
+}
+# Gradient kernel tiles the planner chooses among: (BLOCK_M, BLOCK_P2) per padded-N bucket.
+# The accumulators (BLOCK_P2 x BLOCK_N and BLOCK_P2 x 16, fp32) live in registers across the
+# whole persistent loop. Chosen from offline compiles (compile_report.py, JIT specialization,
+# triton 3.9 and 3.6): at N <= 64 the widest ranges without spills for bf16 on sm90 and sm80,
+# except the fused loss on sm80 (it spills at every range width) and its rec_q mode at N = 64 on
+# sm90 under triton 3.6 (16 B). Above N = 64 the least-spilling.
+GRAD_TILES = {
+    "backward": {32: [(64, 128)], 64: [(32, 64)], 128: [(32, 64)], 256: [(16, 64)]},
+    "loss": {32: [(64, 128)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
+}
+# Autotuned at run time (they change no byte the kernel moves): the dQ sub-tile width
+# BLOCK_PD, and for the fused loss the pass-1 chunk BLOCK_P; warps, stages.
+GRAD_TUNE = {
+    "backward": {32: [(64, 8, 2), (64, 8, 3)], 64: [(64, 8, 2), (16, 8, 2)], 128: [(64, 8, 2), (32, 8, 2)],
+                 256: [(32, 8, 2), (64, 8, 2)]},
+    "loss": {32: [(32, 64, 8, 2), (32, 64, 8, 3)], 64: [(32, 64, 8, 2)],
+             128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
+}
+# Under the interpreter every program runs in numpy one after another: large tiles, one config
+# (autotuning several configs does not work there).
+INTERPRETER_FORWARD = (64, 64, 4, 1)
+INTERPRETER_GRAD_TILE = (64, 64)
+INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1)}
+INTERPRETER_SMS = 4
+REDUCE_BLOCK = 1024
+
+
+def bucket(bn: int) -> int:
+    return max(32, bn)
+
+
+def _interp(interpreter: Optional[bool]) -> bool:
+    return common.interpreting() if interpreter is None else interpreter
+
+
+def forward_configs(bn: int, interpreter: Optional[bool] = None) -> list:
+    triples = [INTERPRETER_FORWARD] if _interp(interpreter) else FORWARD_TRIPLES[bucket(bn)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_P": p}, num_warps=w, num_stages=s) for m, p, w, s in triples]
+
+
+def grad_kind(mode: int) -> str:
+    return "loss" if mode in LOSS_MODES else "backward"
+
+
+def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None) -> list:
+    """Autotune candidates of the gradient kernel for a plan's tile (BLOCK_PD <= BLOCK_P2)."""
+    kind = grad_kind(mode)
+    tunes = [INTERPRETER_TUNE[kind]] if _interp(interpreter) else GRAD_TUNE[kind][bucket(bn)]
+    out, seen = [], set()
+    for t in tunes:
+        *blocks, warps, stages = t
+        # MODE_GRADS has no pass over the whole row: its BLOCK_P is a placeholder.
+        kw = {"BLOCK_P": blocks[0] if kind == "loss" else 16, "BLOCK_PD": min(blocks[-1], block_p2)}
+        key = (tuple(kw.items()), warps, stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+    return out
+
+
+def device_spec(device: torch.device) -> GPUSpec:
+    """The GPU the plan is for: the device's own entry on CUDA; under the interpreter an H100
+    with a few SMs, so that tests run small grids with every split axis in use."""
+    if torch.device(device).type == "cuda":
+        return spec_for_device(torch.device(device))
+    return dataclasses.replace(GPUS["H100"], name="interpreter", sms=INTERPRETER_SMS)
+
+
+@dataclasses.dataclass(frozen=True)
+class GradPlan:
+    """One launch of seat_grad_kernel (and its reduce_slots_kernel), fully determined."""
+
+    mode: int
+    B: int
+    M: int
+    P: int
+    N: int
+    C: int
+    block_m: int
+    block_p2: int
+    p_range: int
+    ctas_per_range: int
+
+    @property
+    def block_n(self) -> int:
+        return common.block_n(self.N)
+
+    @property
+    def k(self) -> int:
+        return triton.cdiv(self.P, self.p_range)
+
+    @property
+    def row_blocks(self) -> int:
+        return triton.cdiv(self.M, self.block_m)
+
+    @property
+    def items(self) -> int:
+        """Row blocks of all images: the work of each range."""
+        return self.B * self.row_blocks
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.k, self.ctas_per_range)
+
+    @property
+    def ctas(self) -> int:
+        return self.k * self.ctas_per_range
+
+    @property
+    def w_rows(self) -> int:
+        """dW partials per slot: the whole dW, plus its rec-loss part in the fused loss."""
+        return 2 if self.mode in LOSS_MODES else 1
+
+    @property
+    def slots(self) -> int:
+        return self.ctas_per_range + self.B - 1
+
+    @property
+    def slot_len(self) -> int:
+        return (self.N + self.w_rows * self.C) * self.P + self.N * self.C
+
+    def run(self, c: int) -> tuple[int, int]:
+        """Items [start, end) of CTA run c (the same formula as the kernel)."""
+        return c * self.items // self.ctas_per_range, (c + 1) * self.items // self.ctas_per_range
+
+    def used_slots(self) -> int:
+        """Slots some CTA writes: one per (run, image) pair that share a row block."""
+        total = 0
+        for c in range(self.ctas_per_range):
+            start, end = self.run(c)
+            total += (end - 1) // self.row_blocks - start // self.row_blocks + 1
+        return total
+
+
+def _p_ranges(p: int, block_p2: int, sms: int) -> list[int]:
+    """Range widths for a tile: the full tile, and narrower multiples of 16 that make K divide
+    the SM count (every SM busy) while still fitting the tile."""
+    widths = {min(block_p2, triton.cdiv(p, 16) * 16)}
+    k0 = triton.cdiv(p, block_p2)
+    for k in range(k0 + 1, 2 * k0 + 2):
+        width = triton.cdiv(triton.cdiv(p, k), 16) * 16
+        if sms % triton.cdiv(p, width) == 0 and width <= block_p2:
+            widths.add(width)
+    return sorted(widths, reverse=True)
+
+
+def grad_plan_candidates(
+    mode: int, B: int, M: int, P: int, N: int, C: int, sms: int, *,
+    block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
+    ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None,
+) -> list[GradPlan]:
+    bn = common.block_n(N)
+    if _interp(interpreter):
+        tiles = [INTERPRETER_GRAD_TILE]
+    else:
+        tiles = GRAD_TILES[grad_kind(mode)][bucket(bn)]
+    if block_m is not None or block_p2 is not None:
+        tiles = [(block_m or bm, block_p2 or p2) for bm, p2 in tiles[:1]]
+    plans = []
+    for bm, p2 in tiles:
+        if p_range is not None and block_p2 is None:
+            p2 = max(16, triton.next_power_of_2(p_range))
+        widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms)
+        for width in widths:
+            k = triton.cdiv(P, width)
+            items = B * triton.cdiv(M, bm)
+            if ctas_per_range is not None:
+                runs = [ctas_per_range]
+            else:
+                # One CTA per SM, or (small problems, where each CTA's partial sums would
+                # outweigh its rows) halvings of it.
+                runs = [max(1, sms // k)]
+                while runs[-1] > 1:
+                    runs.append(runs[-1] // 2)
+            for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):
+                plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t))
+    return plans
+
+
+def grad_plan(
+    mode: int, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec, *,
+    block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
+    ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None,
+) -> GradPlan:
+    """The plan with the least modeled time (traffic.py); among those within 1% of it, the one
+    with the most CTAs, then the fewest HBM bytes. The keyword arguments pin a tile, a range
+    width or T (tests do)."""
+    return _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range,
+                      _interp(interpreter))
+
+
+@functools.lru_cache(maxsize=256)
+def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range, interpreter) -> GradPlan:
+    from san_fast.kernels import traffic
+
+    plans = grad_plan_candidates(mode, B, M, P, N, C, spec.sms, block_m=block_m, block_p2=block_p2,
+                                 p_range=p_range, ctas_per_range=ctas_per_range, interpreter=interpreter)
+    if len(plans) == 1:
+        return plans[0]
+    scored = []
+    for plan in plans:
+        launches = traffic.grad_launches(plan, dtype, spec)
+        scored.append((sum(x.modeled_ms for x in launches), sum(x.total_bytes for x in launches), plan))
+    best = min(ms for ms, _, _ in scored)
+    # Within 1% of the fastest, fill more SMs (ranges of K | SMs columns); then fewer bytes.
+    near = [s for s in scored if s[0] <= 1.01 * best]
+    return min(near, key=lambda s: (-s[2].ctas, s[1], s[2].k))[-1]
+
+
+@functools.lru_cache(maxsize=256)
+def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec) -> str:
+    """'fused' (one pass: every gradient computed in the forward) or 'two_pass' (forward saving
+    the attention, exact backward), whichever the traffic model says is faster."""
+    from san_fast.kernels import traffic
+
+    ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d).modeled_ms
+          for d in ("fused", "two_pass")}
+    return "fused" if ms["fused"] <= ms["two_pass"] else "two_pass"

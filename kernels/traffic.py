@@ -1,0 +1,403 @@
+"""HBM traffic, FLOPs and modeled time of every SEAT op, from the launches that actually run.
+
+    python -m san_fast.kernels.traffic [--gpu H100] [--full] [--compact]
+
+Each op is a list of launches built from seat_plan.py, the module the launchers take their
+tiles, grids and workspaces from: `grad_launches(plan)` counts the bytes of the very GradPlan
+`launch_grad` runs. Where the autotuner picks a config at run time, no HBM byte depends on the
+pick (only BLOCK_P / BLOCK_PD / warps / stages are tuned); FLOPs (padding) and L2 traffic do, and
+the model takes the largest over every candidate, naming them in the launch's config.
+
+Bytes are HBM bytes: each tensor counted once when read or written, plus re-reads that miss L2.
+Assumed: gamma and W are fp32 master weights (as under autocast) cast once per call to q's dtype;
+the target image x and the rec gradients are in q's dtype.
+
+L2 rule. A re-read hits L2 only if its reuse distance fits the effective capacity:
+
+    reuse distance  = DRIFT_ROW_BLOCKS x T x (bytes one group of K CTAs touches per row block)
+                      + the resident set (the gamma operand of the <= T images the runs are on,
+                        re-read by every row block)
+    effective L2    = L2_FRACTION x the GPU's l2_bytes
+
+L2_FRACTION = 0.5: an H100's 50 MiB L2 is two partitions, and a line used by SMs on both sides
+may be held twice; the other half also absorbs imperfect replacement and the writes in flight.
+T is the number of concurrent groups (CTA runs; one CTA per SM). A group's bytes per row block:
+the Q row block (all K ranges), its dQ, and its attention rows and per-row inputs. The K CTAs of
+a group start together and do identical work per row block, so they are assumed to stay within
+DRIFT_ROW_BLOCKS = 2 row blocks of each other (nothing enforces it: a GPU measurement checks it).
+Re-reads it covers: the fused loss's K reads of each Q row block and its step-2 re-read of the
+CTA's own range (else counted as "Q re-read (HBM)"); the K reads of the saved attention and the
+rec gradients in the backward (else "attention re-read (HBM)"). Loads that are last uses carry
+evict_first (step 2's Q tile, the forward's Q, dQ stores) to keep the shared lines in L2.
+
+Time. Per launch, max(HBM bytes / hbm rate, FLOPs / matmul rate, L2 bytes / L2 rate), summed
+over launches, with the FLOP and L2 rates scaled by the fraction of SMs the grid occupies. Tensor-core
+FLOPs (the big dots in q's dtype, padded as executed) at the GPU's rate for that dtype; the small
+fp32 dots at its fp32 rate. L2 bytes: every load and store between the SMs and L2 (hits
+included), at the GPU's l2_hit_bytes_per_s (san_fast/gpu_specs.py: assumed, not measured). The
+L2 term is this model's addition to max(bytes, FLOPs): without it the fused loss's K-fold reads
+of each Q row block, HBM-free by the L2 rule, would look free, and the launcher would pick a
+design that moves ~18x Q's bytes through L2 (kernels/README.md, "Which loss design").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import sys
+from typing import Optional, Union
+
+import torch
+import triton
+from san_fast.gpu_specs import GPUSpec, gpu_spec
+from san_fast.kernels import seat_common as common
+from san_fast.kernels import seat_plan
+from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, GradPlan
+
+OPS = ("forward", "backward", "forward_backward", "fused_loss", "labels")
+LOSS_DESIGNS = ("fused", "two_pass")
+L2_FRACTION = 0.5
+DRIFT_ROW_BLOCKS = 2
+PAPER = {"B": 16, "M": 128 * 128, "P": 1024, "N": 27, "C": 3, "dtype": torch.bfloat16}
+SWEEP_N = (6, 27, 64, 100, 256)
+SWEEP_SIDE = (32, 64, 128, 256)
+SWEEP_B = (1, 4, 16, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchTraffic:
+    name: str
+    grid: tuple
+    config: dict
+    bytes_by_tensor: dict
+    flops: int
+    modeled_ms: float
+    l2_bytes: int
+    ctas: int
+    note: str = ""
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_tensor.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTraffic:
+    op: str
+    shape: dict
+    launches: tuple
+    bytes_by_tensor: dict
+    total_bytes: int
+    floor_bytes: int
+    flops: int
+    modeled_ms: float
+    l2_bytes: int = 0
+    l2_ms: float = 0.0
+    design: str = ""
+
+    def ratio(self) -> float:
+        return self.total_bytes / self.floor_bytes
+
+
+def _esize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def _spec(gpu: Union[str, GPUSpec]) -> GPUSpec:
+    return gpu if isinstance(gpu, GPUSpec) else gpu_spec(gpu)
+
+
+def _launch(name, grid, config, by_tensor, tensor_flops, fp32_flops, l2_bytes, ctas, spec, dtype, note=""):
+    frac = min(1.0, ctas / spec.sms)
+    rate = spec.matmul_rate(dtype) if dtype in (torch.float16, torch.bfloat16) else spec.matmul_flops["fp32"]
+    flop_s = tensor_flops / (rate * frac) + fp32_flops / (spec.matmul_flops["fp32"] * frac)
+    by = {k: int(v) for k, v in by_tensor.items()}
+    # L2-to-SM bandwidth is per SM too: a grid on a fraction of the SMs gets that fraction.
+    l2_s = l2_bytes / (spec.l2_hit_bytes_per_s * frac) if spec.l2_hit_bytes_per_s else 0.0
+    ms = max(sum(by.values()) / spec.hbm_bytes_per_s, flop_s, l2_s) * 1e3
+    return LaunchTraffic(name, tuple(grid), config, by, int(tensor_flops + fp32_flops), ms, int(l2_bytes), ctas, note)
+
+
+def _torch_op(name, by_tensor, spec, dtype, flops=0, note=""):
+    """A small PyTorch op around the kernels: its bytes, at the GPU's full rate."""
+    total = sum(by_tensor.values())
+    return _launch(f"torch: {name}", (), {}, by_tensor, 0, flops, total, spec.sms, spec, dtype, note)
+
+
+def _operand_casts(B, N, P, C, dtype, spec, with_w=True) -> list:
+    """gamma / W (fp32 masters) to q's dtype, and V = Gamma W^T (seat_common.as_operand,
+    seat_forward.values_matrix)."""
+    e, out = _esize(dtype), []
+    if dtype != torch.float32:
+        out.append(_torch_op("cast gamma to q's dtype", {"gamma, W, V": B * N * P * (4 + e)}, spec, dtype))
+    if with_w:
+        out.append(_torch_op("V = gamma W^T", {"gamma, W, V": B * N * P * 4 + C * P * 4 + B * N * C * 4},
+                             spec, dtype, flops=2 * B * N * P * C))
+    return out
+
+
+def forward_launches(B, M, P, N, C, dtype, spec, *, save_attn=False, labels=False) -> list:
+    e, bn, bc = _esize(dtype), common.block_n(N), common.BLOCK_C
+    out = _operand_casts(B, N, P, C, dtype, spec, with_w=not labels)
+    configs = seat_plan.forward_configs(bn, interpreter=False)
+    by = {"Q read": B * M * P * e, "gamma, W, V": B * N * P * e}
+    if labels:
+        by["per-row in/out"] = B * M * 8
+    else:
+        by["gamma, W, V"] += C * P * e + B * N * C * 4
+        by["per-row in/out"] = 2 * B * M * C * e
+        if save_attn:
+            by["attention write"] = B * M * N * e
+    name = "seat_forward_kernel (labels)" if labels else f"seat_forward_kernel{' (saves attention)' if save_attn else ''}"
+    candidates = []
+    for cfg in configs:
+        bm, bp = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_P"]
+        progs = B * triton.cdiv(M, bm)
+        rows, cols = progs * bm, triton.cdiv(P, bp) * bp
+        tensor = 2 * rows * cols * (bn + (0 if labels else bc))
+        small = 0 if labels else 2 * rows * bn * bc
+        l2 = sum(by.values()) + progs * (N + (0 if labels else C)) * P * e
+        config = {"BLOCK_M": bm, "BLOCK_P": bp, "warps": cfg.num_warps, "stages": cfg.num_stages,
+                  "autotuned over": [common.config_label(c) for c in configs]}
+        candidates.append(_launch(name, ("cdiv(M, BLOCK_M)", B), config, by, tensor, small, l2, progs, spec, dtype,
+                                  note="the autotuner's pick taken as its fastest candidate; HBM bytes are the same "
+                                       "for every candidate"))
+    out.append(min(candidates, key=lambda x: x.modeled_ms))
+    return out
+
+
+def _shared_in_l2(plan: GradPlan, dtype, spec) -> tuple[bool, int]:
+    """The L2 rule (module docstring): do the K CTAs of a run share their rows through L2?"""
+    e = _esize(dtype)
+    per_row = 2 * plan.P * e  # the Q row (all ranges) and its dQ row
+    if plan.mode == MODE_GRADS:
+        per_row += plan.N * e + 2 * plan.C * e
+    else:
+        per_row += plan.C * e + 2 * plan.C * 4
+    group = plan.block_m * per_row
+    # Each run is on one image at a time: T runs keep at most T images' gamma hot.
+    resident = (min(plan.B, plan.ctas_per_range) * plan.N + plan.C) * plan.P * e
+    window = DRIFT_ROW_BLOCKS * plan.ctas_per_range * group + resident
+    return window <= L2_FRACTION * spec.l2_bytes, window
+
+
+def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec) -> list:
+    """The gradient kernel of `plan`, its slot reduction, and the torch ops that finish dGamma, dW."""
+    B, M, P, N, C = plan.B, plan.M, plan.P, plan.N, plan.C
+    e, acc = _esize(dtype), common.acc_dtype(dtype).itemsize
+    bn, bc, k, bm = plan.block_n, common.BLOCK_C, plan.k, plan.block_m
+    fused = plan.mode in LOSS_MODES
+    shared, window = _shared_in_l2(plan, dtype, spec)
+    q_bytes = B * M * P * e
+    by = {"Q read": q_bytes, "dQ write": q_bytes, "gamma, W, V": B * N * P * e + C * P * e + B * N * C * 4}
+    if fused:
+        by["Q re-read (HBM)"] = 0 if shared else k * q_bytes  # K - 1 other CTAs, plus step 2
+        by["per-row in/out"] = B * M * C * e + 2 * B * M * C * acc  # x in, rec_q and rec_t out
+        row_l2 = k * q_bytes + q_bytes + k * B * M * C * e
+    else:
+        attn, grads = B * M * N * e, 2 * B * M * C * e
+        by["attention read"] = attn
+        by["attention re-read (HBM)"] = 0 if shared else (k - 1) * (attn + grads)
+        by["per-row in/out"] = grads
+        row_l2 = k * (attn + grads) + q_bytes
+    used = plan.used_slots()
+    by["workspace"] = used * plan.slot_len * acc
+    items = plan.items * k  # row blocks visited, all CTAs
+    gamma_l2 = items * N * (plan.p_range + (P if fused else 0)) * e  # step 2's range; pass 1's whole rows
+    l2 = row_l2 + q_bytes + gamma_l2 + by["workspace"]
+    step2 = 2 * items * bm * plan.block_p2 * 2 * (bn + bc)  # dGamma, dW, dq dots
+    small = (items + plan.items) * 2 * bm * bn * C  # da = gt V^T (every CTA), S += a^T gt (range 0)
+    tunes = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, interpreter=False)
+    pass1 = 0
+    if fused:
+        # The pass-1 chunk (autotuned) only pads P: the least padding, as the fastest pick.
+        p_pad = min(triton.cdiv(P, c.kwargs["BLOCK_P"]) * c.kwargs["BLOCK_P"] for c in tunes)
+        pass1 = items * 2 * bm * p_pad * (bn + bc)
+        small += items * 2 * bm * bn * bc  # rec_t = a V
+    config = {"BLOCK_M": bm, "BLOCK_P2": plan.block_p2, "P range": plan.p_range, "K": k,
+              "T": plan.ctas_per_range, "slots used": used, "autotuned over": [common.config_label(c) for c in tunes]}
+    note = (f"rows shared through L2 (reuse distance {window / 2**20:.1f} MiB)" if shared else
+            f"rows NOT shared through L2 (reuse distance {window / 2**20:.1f} MiB)")
+    out = _operand_casts(B, N, P, C, dtype, spec)  # launch_grad casts gamma, W and builds V itself
+    out.append(_launch(f"seat_grad_kernel ({'fused loss' if fused else 'from saved attention'})", plan.grid,
+                       config, by, pass1 + step2, small, l2, plan.ctas, spec, dtype, note=note))
+    sums = B * plan.slot_len * acc
+    out.append(_launch("reduce_slots_kernel", (triton.cdiv(plan.slot_len, seat_plan.REDUCE_BLOCK), B),
+                       {"BLOCK": seat_plan.REDUCE_BLOCK}, {"workspace": used * plan.slot_len * acc + sums}, 0, 0,
+                       used * plan.slot_len * acc + sums, min(spec.sms, B * triton.cdiv(plan.slot_len, 1024)),
+                       spec, dtype))
+    w_rows = plan.w_rows
+    out.append(_torch_op("sum dW partials over images", {"parameter grads": (B + 1) * w_rows * C * P * acc}, spec, dtype))
+    out.append(_torch_op("dGamma += S W, dW += S^T Gamma",
+                         {"parameter grads": 2 * B * N * P * acc + B * N * P * 4 + 2 * B * C * P * acc},
+                         spec, dtype, flops=4 * B * N * C * P))
+    return out
+
+
+def _loss_glue(B, M, C, dtype, spec, fused: bool) -> list:
+    """The losses from rec_q, rec_t, and in the backward the small per-row terms (u, dbias, dx;
+    the rec gradients in the two-pass design)."""
+    e, acc = _esize(dtype), 4
+    rows = B * M * C
+    rec = (acc if fused else e)
+    out = [_torch_op("losses from rec_q, rec_t", {"per-row in/out": rows * (2 * rec + e)}, spec, dtype)]
+    if fused:
+        out.append(_torch_op("u, dx, dbias", {"per-row in/out": rows * (3 * acc + 2 * e)}, spec, dtype))
+    else:
+        out.append(_torch_op("grads of rec_q, rec_t, dx", {"per-row in/out": rows * (3 * e + 3 * e)}, spec, dtype))
+    return out
+
+
+def rescale_launch(B, M, P, C, dtype, spec, skipped: bool = True) -> LaunchTraffic:
+    e = _esize(dtype)
+    by = {"dQ rescale": 0 if skipped else 2 * B * M * P * e + B * M * C * 4}
+    note = ("skipped on the device: upstream gradients equal the hint (else dQ is read and written once more)"
+            if skipped else "upstream gradients differ from the hint: dQ read and written once more")
+    return _launch("rescale_dq_kernel (in place)", ("cdiv(M, 32)", B), {"BLOCK_M": 32, "BLOCK_P": 128}, by,
+                   0, 0 if skipped else 2 * B * M * P * 16, sum(by.values()), spec.sms, spec, dtype, note=note)
+
+
+def floor_bytes(op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype) -> int:
+    """The bytes an op cannot avoid: Q (and dQ) as the brief counts them, plus the small
+    tensors: gamma (B,N,P) and W (C,P) read as fp32 masters, rec_q and rec_t written, the rec
+    gradients or the image x read (q's dtype), dGamma and dW written in fp32.
+
+    forward: Q once; labels: Q once (int64 labels out); backward: Q once + dQ once;
+    forward_backward: forward + backward (Q twice, dQ once); fused_loss: Q once + dQ once."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}: expected one of {OPS}")
+    e = _esize(dtype)
+    q, params, grads = B * M * P * e, B * N * P * 4 + C * P * 4, B * N * P * 4 + C * P * 4
+    rec = 2 * B * M * C * e
+    forward = q + params + rec
+    backward = q + params + rec + q + grads  # Q in, rec grads in, dQ and parameter grads out
+    return {
+        "forward": forward,
+        "labels": q + B * N * P * 4 + B * M * 8,
+        "backward": backward,
+        "forward_backward": forward + backward,
+        "fused_loss": q + params + B * M * C * e + q + grads,
+    }[op]
+
+
+def _plan(mode, B, M, P, N, C, dtype, spec) -> GradPlan:
+    return seat_plan.grad_plan(mode, B, M, P, N, C, dtype, spec, interpreter=False)
+
+
+def op_traffic(
+    op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, gpu: Union[str, GPUSpec] = "H100",
+    *, design: Optional[str] = None, rescale_skipped: bool = True,
+) -> OpTraffic:
+    """Launches, bytes, FLOPs and modeled time of one op on one GPU (a name in
+    san_fast.gpu_specs.GPUS or a GPUSpec). For fused_loss, `design` ("fused" or "two_pass")
+    overrides the launcher's choice (seat_plan.loss_design); `rescale_skipped=False` counts the
+    dQ rescale that runs when the upstream gradients differ from the hint."""
+    spec = _spec(gpu)
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}: expected one of {OPS}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {dtype}")
+    launches: list = []
+    used_design = ""
+    if op == "forward":
+        launches = forward_launches(B, M, P, N, C, dtype, spec)
+    elif op == "labels":
+        launches = forward_launches(B, M, P, N, C, dtype, spec, labels=True)
+    elif op == "backward":
+        launches = grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec)
+    elif op == "forward_backward":
+        launches = forward_launches(B, M, P, N, C, dtype, spec, save_attn=True)
+        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec)
+    else:
+        used_design = design or seat_plan.loss_design(B, M, P, N, C, dtype, spec)
+        if used_design not in LOSS_DESIGNS:
+            raise ValueError(f"design={used_design!r}: expected one of {LOSS_DESIGNS}")
+        if used_design == "fused":
+            launches = grad_launches(_plan(MODE_LOSS_IMAGE, B, M, P, N, C, dtype, spec), dtype, spec)
+            launches += _loss_glue(B, M, C, dtype, spec, fused=True)
+            launches.append(rescale_launch(B, M, P, C, dtype, spec, skipped=rescale_skipped))
+        else:
+            launches = forward_launches(B, M, P, N, C, dtype, spec, save_attn=True)
+            launches += _loss_glue(B, M, C, dtype, spec, fused=False)
+            launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec)
+    by: dict = {}
+    for launch in launches:
+        for key, value in launch.bytes_by_tensor.items():
+            by[key] = by.get(key, 0) + value
+    l2 = sum(x.l2_bytes for x in launches)
+    return OpTraffic(
+        op=op, shape={"B": B, "M": M, "P": P, "N": N, "C": C, "dtype": str(dtype).replace("torch.", "")},
+        launches=tuple(launches), bytes_by_tensor=by, total_bytes=sum(by.values()),
+        floor_bytes=floor_bytes(op, B, M, P, N, C, dtype), flops=sum(x.flops for x in launches),
+        modeled_ms=sum(x.modeled_ms for x in launches), l2_bytes=l2,
+        l2_ms=l2 / spec.l2_hit_bytes_per_s * 1e3 if spec.l2_hit_bytes_per_s else 0.0, design=used_design,
+    )
+
+
+def sweep_shapes(full: bool = False) -> list[dict]:
+    """The paper shape, then the sweep: one parameter at a time from the paper shape (or, with
+    `full`, every combination of N, side and B)."""
+    if full:
+        return [{**PAPER, "N": n, "M": side * side, "B": b}
+                for n, side, b in itertools.product(SWEEP_N, SWEEP_SIDE, SWEEP_B)]
+    shapes = [dict(PAPER)]
+    shapes += [{**PAPER, "N": n} for n in SWEEP_N if n != PAPER["N"]]
+    shapes += [{**PAPER, "M": side * side} for side in SWEEP_SIDE if side * side != PAPER["M"]]
+    shapes += [{**PAPER, "B": b} for b in SWEEP_B if b != PAPER["B"]]
+    return shapes
+
+
+def _shape_name(s: dict) -> str:
+    side = int(round(s["M"] ** 0.5))
+    return f"B={s['B']} {side}x{side} N={s['N']}"
+
+
+def table(gpu: Union[str, GPUSpec] = "H100", full: bool = False, ops=OPS) -> list[str]:
+    spec = _spec(gpu)
+    head = (f"| shape ({spec.name}, P=1024, C=3, bf16) | op | design | modeled MB | floor MB | ratio | GFLOP "
+            "| modeled ms | L2 hit GB | CTAs |")
+    lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in sweep_shapes(full):
+        for op in ops:
+            t = op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], gpu=spec)
+            ctas = max(x.ctas for x in t.launches if not x.name.startswith("torch"))
+            lines.append(f"| {_shape_name(s)} | {op} | {t.design or '-'} | {t.total_bytes / 1e6:.1f} | "
+                         f"{t.floor_bytes / 1e6:.1f} | {t.ratio():.3f} | {t.flops / 1e9:.1f} | {t.modeled_ms:.3f} | "
+                         f"{t.l2_bytes / 1e9:.2f} | {ctas} |")
+    return lines
+
+
+def compact_table(gpu: Union[str, GPUSpec] = "H100", full: bool = False) -> list[str]:
+    """One row per shape: modeled bytes over the floor for each op, the loss design the launcher
+    picks, and modeled times."""
+    spec = _spec(gpu)
+    lines = [f"| shape ({spec.name}, P=1024, C=3, bf16) | forward | backward | fwd+bwd | fused loss (design) "
+             "| labels | ms fwd+bwd | ms loss |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in sweep_shapes(full):
+        t = {op: op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], gpu=spec) for op in OPS}
+        lines.append(f"| {_shape_name(s)} | {t['forward'].ratio():.2f}x | {t['backward'].ratio():.2f}x | "
+                     f"{t['forward_backward'].ratio():.2f}x | {t['fused_loss'].ratio():.2f}x "
+                     f"({t['fused_loss'].design}) | {t['labels'].ratio():.2f}x | "
+                     f"{t['forward_backward'].modeled_ms:.3f} | {t['fused_loss'].modeled_ms:.3f} |")
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from san_fast.gpu_specs import GPUS
+
+    parser = argparse.ArgumentParser(prog="python -m san_fast.kernels.traffic",
+                                     description="Modeled HBM bytes of the SEAT kernels against the floor, per op and shape.")
+    parser.add_argument("--gpu", default="H100", choices=list(GPUS), help="GPU of san_fast.gpu_specs")
+    parser.add_argument("--full", action="store_true", help="every combination of the sweep, not one axis at a time")
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    parser.add_argument("--compact", action="store_true", help="one row per shape, bytes over floor per op")
+    args = parser.parse_args(argv)
+    lines = compact_table(args.gpu, args.full) if args.compact else table(args.gpu, args.full, tuple(args.ops))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

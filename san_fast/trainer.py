@@ -1,0 +1,267 @@
+"""The training loop: epochs of steps, reads at log points, evaluations, checkpoints, resume.
+
+The device is read only at log points (every --log-every steps and at each epoch's last step)
+and at checkpoints: one transfer of the summed loss terms, the collapse indicator and the
+divergence flags. A non-finite loss is detected on the device and its step skipped there; the
+run stops at the next read with DivergedError, before any checkpoint or result is written, so
+the last good checkpoint stays as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from san_fast.checkpoint import CHECKPOINT_FORMAT, rank_rng, save_checkpoint
+from san_fast.config import Config
+from san_fast.distributed import DistEnv, all_gather_objects, all_reduce, on_main
+from san_fast.evaluation import DivergedError
+from san_fast.io_utils import atomic_write_text
+from san_fast.run_folder import CHECKPOINT, CONFIG, RunFolder
+from san_fast.runtime import rng_state, set_rng_state
+from san_fast.train_step import TrainStep
+
+WARMUP_STEPS = 5  # steps left out of images_per_second_after_warmup (compilation, allocator)
+Evaluate = Callable[[int, str], tuple[dict, dict]]  # (num_vis, desc) -> (scores, shown)
+
+
+@dataclass
+class Progress:
+    epoch: int = 1  # the epoch being trained, 1-based
+    batch: int = 0  # batches of it done
+    step: int = 0  # optimiser steps done in all
+    history: dict[str, list] = field(default_factory=dict)
+
+    def log(self, key: str, value: Any) -> None:
+        self.history.setdefault(key, []).append(value)
+
+
+class StepClock:
+    """Training-loop wall time, time spent waiting for batches, and the rate after warm-up. The
+    device is synchronised only where the loop stops anyway (epoch end) and once at warm-up."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = self.waiting = 0.0
+        self.started: Optional[float] = None
+        self.warm: Optional[tuple[float, int]] = None  # loop time and images at the end of warm-up
+        self.warm_unix = self.stopped_unix = 0.0  # wall clock, for tools sampling the GPU meanwhile
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        self._sync()
+        self.total += time.perf_counter() - self.started
+        self.started = None
+        self.stopped_unix = time.time()
+
+    def elapsed(self) -> float:
+        return self.total + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+    def next_batch(self, iterator):
+        tic = time.perf_counter()
+        item = next(iterator)
+        self.waiting += time.perf_counter() - tic
+        return item
+
+    def mark_warm(self, images: int) -> None:
+        self._sync()
+        self.warm = (self.elapsed(), images)
+        self.warm_unix = time.time()
+
+    def summary(self, images: int) -> dict[str, Any]:
+        after = None
+        if self.warm is not None and self.total > self.warm[0]:
+            after = round((images - self.warm[1]) / (self.total - self.warm[0]), 2)
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return {"seconds": round(self.total, 2),
+                "images_per_second": round(images / max(self.total, 1e-9), 2),
+                "images_per_second_after_warmup": after, "peak_gpu_memory_bytes": peak,
+                "data_wait_fraction": round(self.waiting / max(self.total, 1e-9), 4),
+                # the steps after warm-up (evaluations and checkpoints fall inside it)
+                "measured_window_unix_s": [self.warm_unix, self.stopped_unix] if after else None}
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, step: TrainStep, loader, folder: RunFolder,
+                 evaluate: Evaluate, run_record: dict):
+        self.cfg, self.env, self.step_fn, self.loader = cfg, env, step, loader
+        self.batches = loader.batch_sampler
+        self.folder, self.evaluate, self.run_record = folder, evaluate, run_record
+        self.model, self.optimizer, self.sums = step.model, step.optimizer, step.sums
+        self.device = step.runtime.device
+        self.progress = Progress()
+        self.clock = StepClock(self.device)
+        self.images = 0
+        self.total_steps = cfg.epochs * self.batches.per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.epochs = -(-self.total_steps // self.batches.per_epoch)
+        self.result: Optional[tuple[dict, dict, dict]] = None  # scores, shown, history
+        self._means: dict[str, float] = {}  # loss means of the epoch, as of the last read
+        self.saved_step: Optional[int] = None  # step of the last checkpoint this run wrote or resumed
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def fit(self) -> tuple[dict, dict, dict]:
+        """Train to the last step; (final scores, shown images, history)."""
+        start_step = self.progress.step
+        while self.progress.step < self.total_steps:
+            self._train_epoch(start_step)
+        if self.result is None:  # resumed from the checkpoint of a finished run
+            scores, shown = self.evaluate(self.cfg.num_vis, "final eval")
+            self.result = scores, shown, self.progress.history
+        return self.result
+
+    def _train_epoch(self, start_step: int) -> None:
+        p, per_epoch = self.progress, self.batches.per_epoch
+        steps = min(per_epoch - p.batch, self.total_steps - p.step)
+        self.batches.set_epoch(p.epoch, p.batch)
+        iterator = iter(self.loader)  # the loader's seeding reads happen here, once per epoch
+        with tqdm(total=per_epoch, initial=p.batch, desc=f"epoch {p.epoch}/{self.epochs}",
+                  dynamic_ncols=True, disable=not self.env.is_main) as bar:
+            self._run_steps(iterator, steps, start_step, bar)
+        self._end_epoch(partial=p.batch < per_epoch)
+
+    def _run_steps(self, iterator, steps: int, start_step: int, bar) -> None:
+        """`steps` steps; the device is read only in _read (log points, checkpoints)."""
+        p, per_epoch = self.progress, self.batches.per_epoch
+        self.clock.start()
+        for _ in range(steps):
+            images, _ = self.clock.next_batch(iterator)
+            last = p.batch + 1 == per_epoch or p.step + 1 == self.total_steps
+            monitor = (p.step + 1) % self.cfg.log_every == 0 or last
+            save = bool(self.cfg.save_every) and (p.step + 1) % self.cfg.save_every == 0 and not last
+            wins = self.step_fn(images, p.step + 1, monitor)
+            p.step, p.batch = p.step + 1, p.batch + 1
+            self.images += self.cfg.batch_size
+            bar.update()
+            if p.step - start_step == WARMUP_STEPS:
+                self.clock.mark_warm(self.images)
+            if monitor or save:  # an epoch's last step is always a monitor step
+                self._means = self._read(wins, bar if monitor else None)
+            if save:
+                self.clock.stop()
+                self.save()
+                self.clock.start()
+        self.clock.stop()
+
+    def _read(self, wins: Optional[torch.Tensor], bar) -> dict[str, float]:
+        """The one host read: epoch means so far, the collapse indicator, the divergence flags."""
+        s = self.sums
+        count = torch.full((1,), float(s.steps), device=self.device)
+        shared = torch.cat([count, s.sums, wins.float() if wins is not None else count.new_zeros(0)])
+        all_reduce(shared, self.env)  # identical flags need no reduction: they were reduced per step
+        weights_bad = torch.stack([~torch.isfinite(p).all() for p in self.model.parameters()]).any()
+        local = torch.stack([s.bad.double(), s.first_bad.double(), weights_bad.double()])
+        values = torch.cat([shared.double(), local]).tolist()
+        bad, first_bad, weights_bad = values[-3:]
+        if bad or weights_bad:
+            where = f"at step {int(first_bad)}" if bad else f"by step {self.progress.step}"
+            raise DivergedError(f"training diverged: {'the loss' if bad else 'the weights'} became "
+                                f"non-finite {where} (lr {self.cfg.lr:g}); {self._last_good()}")
+        k = len(s.keys)
+        means = {key: values[1 + i] / values[0] for i, key in enumerate(s.keys)}
+        if wins is not None:
+            used = sum(v > 0 for v in values[1 + k:1 + k + self.cfg.semantics()])
+            self.progress.log("clusters_used", used)
+            bar.set_postfix(loss=f"{means['loss']:.4f}", used=f"{used}/{self.cfg.semantics()}")
+        return means
+
+    def _last_good(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint, {self.folder.file(CHECKPOINT)} (step {self.saved_step}), is unchanged"
+
+    def _end_epoch(self, partial: bool) -> None:
+        """Epoch means and (when due) validation; then a checkpoint. A run that stops inside an
+        epoch (--max-steps) reports that partial epoch but checkpoints its position in it."""
+        p, means = self.progress, self._means
+        last = p.step >= self.total_steps
+        history = {k: list(v) for k, v in p.history.items()}
+        for key, value in means.items():
+            history.setdefault(key, []).append(value)
+        scores, shown = None, {}
+        if last or p.epoch % self.cfg.eval_every == 0:
+            scores, shown = self.evaluate(self.cfg.num_vis if last else 0, f"eval epoch {p.epoch}")
+            history.setdefault("val_acc", []).append(scores["acc"])
+            history.setdefault("val_miou", []).append(scores["miou"])
+        if self.env.is_main:
+            tqdm.write(_log_line(p.epoch, means, scores))
+        if not partial:
+            p.history = history
+            p.epoch, p.batch = p.epoch + 1, 0
+            self.sums.reset()
+        self.save()
+        if last:
+            self.result = scores, shown, history
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def state(self, ranks: list[dict]) -> dict[str, Any]:
+        """The checkpoint; `ranks` holds every rank's random state and loss sums."""
+        p = self.progress
+        scaler = self.step_fn.runtime.scaler
+        return {
+            "format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "config": self.cfg.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step},
+            "history": p.history, "running": [r["running"] for r in ranks],
+            "rng": [r["rng"] for r in ranks], "distributed": self.run_record,
+        }
+
+    def save(self) -> None:
+        """Checkpoint and config.json, by rank 0, atomically; every rank's random state in it."""
+        mine = {"rng": rng_state(self.device), "running": self.sums.state_dict()}
+        ranks = all_gather_objects(mine, self.env)
+
+        def write() -> None:
+            atomic_write_text(self.folder.file(CONFIG), config_json(self.cfg, self.run_record))
+            save_checkpoint(self.state(ranks), str(self.folder.file(CHECKPOINT)))
+
+        on_main(write, self.env)
+        self.saved_step = self.progress.step
+
+    def restore(self, state: dict[str, Any], path: str) -> None:
+        """Continue exactly where `state` stopped (model weights are loaded by the caller)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        scaler = self.step_fn.runtime.scaler
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        saved = state["progress"]
+        self.progress = Progress(int(saved["epoch"]), int(saved["batch"]), int(saved["step"]),
+                                 {k: list(v) for k, v in state["history"].items()})
+        self.sums.load_ranks(state["running"], self.env.rank, self.env.world_size)
+        self.saved_step = self.progress.step
+        rng = rank_rng(state, self.env.rank, self.env.world_size)
+        if rng is not None:
+            set_rng_state(rng, self.device)
+        elif self.env.is_main:
+            print(f"san_fast: {path} was written by {len(state.get('rng') or [])} processes, this run has "
+                  f"{self.env.world_size}: random streams restart, so the continuation is not bit-exact")
+        if self.env.is_main:
+            print(f"resumed from {path}: epoch {self.progress.epoch}, batch {self.progress.batch}, "
+                  f"step {self.progress.step}")
+
+
+def config_json(cfg: Config, run_record: dict) -> str:
+    return json.dumps({**cfg.to_dict(), "distributed": run_record}, indent=2, sort_keys=True)
+
+
+def _log_line(epoch: int, means: dict[str, float], scores: Optional[dict]) -> str:
+    parts = [f"epoch {epoch}"] + [f"{k} {v:.4f}" for k, v in means.items()]
+    if scores is not None:
+        parts += [f"val acc {scores['acc']:.4f}", f"mIoU {scores['miou']:.4f}",
+                  f"clusters used {scores['clusters_used']}"]
+    return " | ".join(parts)

@@ -1,0 +1,39 @@
+"""The SEAT benchmark's bookkeeping (bench/seat_measure.py): cases, floors from the traffic
+model, GB/s, memory over Q, and the targets beside the paper-shape rows."""
+
+import pytest
+import torch
+
+from bench import seat_measure as sm
+from san_fast.kernels import traffic
+
+
+def test_cases_cover_every_variant_at_the_paper_shape_only():
+    gpu = torch.device("cuda")
+    paper = sm.cases("paper", gpu)
+    assert ("compiled", "loss") in paper and ("sdpa", "fwdbwd") in paper and ("triton", "labels") in paper
+    assert ("sdpa", "loss") not in paper  # SDPA has no fused loss
+    assert set(sm.cases("n256", gpu)) == {(v, m) for v in ("triton", "eager") for m in ("fwd", "fwdbwd", "loss")}
+    assert all(v != "compiled" for v, _ in sm.cases("tiny", torch.device("cpu")))
+
+
+def test_floors_come_from_the_traffic_model():
+    s = sm.PAPER
+    fig = sm.traffic_figures(s, "fwdbwd", "triton", "H100")
+    assert fig["floor_bytes"] == traffic.floor_bytes("forward_backward", s.B, s.M, s.P, s.N, s.C, s.dtype)
+    assert fig["floor_bytes"] >= 3 * s.q_bytes()  # forward+backward: Q read twice, dQ written once
+    assert fig["modeled_bytes"] >= fig["floor_bytes"]
+    assert sm.traffic_figures(s, "fwd", "eager", "H100")["modeled_bytes"] is None  # the model is of our kernels
+
+
+def test_figures_and_targets():
+    s = sm.PAPER
+    q = s.q_bytes()
+    out = sm.figures(s, "loss", 0.5, {"floor_bytes": 2 * q, "modeled_bytes": 3 * q}, 3e12, extra=q + q // 50)
+    assert out["gbps_floor"] == pytest.approx(2 * q / 0.5e-3 / 1e9)
+    assert out["of_copy_bw_floor"] == pytest.approx(2 * q / 0.5e-3 / 3e12)
+    assert out["extra_beyond_outputs_of_q"] == pytest.approx(0.02, abs=1e-3)  # dQ itself is not "extra"
+    met = sm.target_fields("paper", "triton", "loss", 0.44, 0.02)
+    assert met == {"target_ms": 0.45, "target_met": True, "target_extra_of_q": 0.05, "extra_met": True}
+    assert sm.target_fields("paper", "triton", "fwd", 0.30, None)["target_met"] is False
+    assert sm.target_fields("n6", "triton", "fwd", 0.1, None) == {}

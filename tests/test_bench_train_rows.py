@@ -1,0 +1,39 @@
+"""The training-step rows of the GPU check (bench/train_rows.py): their flags, the figures read
+from metrics.json, and the target line."""
+
+import json
+
+import pytest
+
+from bench import train_rows
+
+
+def test_rows_differ_only_in_their_switches():
+    a, d = train_rows.row_flags("a", False), train_rows.row_flags("d", False)
+    for flags in (a, d):
+        assert flags[: len(train_rows.PAPER)] == train_rows.PAPER
+        assert flags[flags.index("--num-semantics") + 1] == "27" and flags[flags.index("--batch-size") + 1] == "16"
+    assert a[-6:] == ["--amp", "off", "--no-channels-last", "--seat-impl", "torch"][-6:] or "--no-channels-last" in a
+    assert "--compile" in d and d[d.index("--amp") + 1] == "bf16" and d[d.index("--seat-impl") + 1] == "triton"
+    dry = train_rows.row_flags("d", True)
+    assert "--compile" not in dry and dry[dry.index("--amp") + 1] == "off" and "cpu" in dry
+
+
+def test_metrics_keys_are_read_when_present(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"train": {"images_per_second": 10.0, "steps": 4}}))
+    older = train_rows.read_metrics(path)
+    assert older["images_per_second"] == 10.0 and older["peak_gpu_memory_bytes"] is None
+    path.write_text(json.dumps({"train": {"images_per_second_after_warmup": 900.0, "peak_gpu_memory_bytes": 2**33,
+                                          "data_wait_fraction": 0.01, "measured_window_unix_s": [1.0, 2.0]}}))
+    newer = train_rows.read_metrics(path)
+    assert newer["images_per_second_after_warmup"] == 900.0 and newer["window_unix_s"] == [1.0, 2.0]
+    assert train_rows.read_metrics(tmp_path / "missing.json") == {}
+
+
+def test_target_line():
+    line = train_rows.target_line({"a": {"step_ms": 100.0}, "d": {"step_ms": 16.0, "gpu_busy_percent": 93.0}})
+    assert line["speedup_d_over_a"] == pytest.approx(6.25) and line["speedup_met"] and line["busy_met"]
+    line = train_rows.target_line({"a": {"step_ms": 100.0}, "d": {"step_ms": 40.0, "gpu_busy_percent": None}})
+    assert line["speedup_met"] is False and line["busy_met"] is None
+    assert train_rows.target_line({})["speedup_d_over_a"] is None

@@ -1,0 +1,103 @@
+"""The training-step model (bench/step_model.py): FLOPs and bytes of a tiny step against hand
+counts, the fusion assumptions (compile, Adam, BatchNorm folded), the CLI and its JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import step_cost
+from bench import step_model as sm
+
+ROOT = Path(__file__).resolve().parents[1]
+B, SIDE, P = 2, 16, 32
+TINY = ["--preset", "cpu", "--crop-size", str(SIDE), "--embed-dim", str(P), "--vit-dim", "32", "--vit-heads", "2",
+        "--vit-depth", "1", "--patch-size", "8", "--batch-size", str(B), "--num-semantics", "4"]
+Q_FP32 = B * SIDE * SIDE * P * 4  # Q in fp32
+VECTORS = 64 * P * 4  # slack for the per-channel vectors a norm reads and writes (weights, statistics)
+
+
+def traced(flags, adam="foreach", bn_folded=False, monitor_grad="off"):
+    cfg = sm.config_for(TINY + flags)
+    settings = sm.resolve_settings(cfg, "H100", adam, bn_folded, monitor_grad)
+    return sm.trace_step(cfg, settings), settings
+
+
+def kernel_bytes(trace, settings, phase, names):
+    return [k.bytes for k in step_cost.kernels(trace, settings) if k.phase == phase and k.names == names]
+
+
+def test_flops_match_hand_counts():
+    trace, _ = traced(["--amp", "off", "--seat-impl", "torch"])
+    convs = [op.flops for op in trace.ops if op.part == "encoder" and op.name == "convolution"]
+    # Conv3x3 3 -> P/2 and conv1x1 P/2 -> P at full resolution: 2 * outputs * inputs per output.
+    assert convs == [2 * B * SIDE * SIDE * (P // 2) * 3 * 9, 2 * B * SIDE * SIDE * P * (P // 2)]
+    tokens, width = (SIDE // 8) ** 2, 32
+    qkv = [op.flops for op in trace.ops if op.phase == "fwd" and op.name == "addmm"
+           and op.flops == 2 * B * tokens * width * 3 * width]
+    assert len(qkv) == 1  # one ViT block
+    assert sum(op.flops for op in trace.ops) == trace.flop_counter_total > 0
+
+
+def test_eager_bytes_match_hand_counts():
+    trace, settings = traced(["--amp", "off", "--seat-impl", "torch"])
+    half = Q_FP32 // 2
+    # conv1x1: read its input (P/2 channels) and weight, write h (P channels); no bias.
+    assert kernel_bytes(trace, settings, "fwd", ["convolution"])[1] == half + P * (P // 2) * 4 + Q_FP32
+    # BatchNorm in eager: a statistics pass reading x, then a pass reading x and writing y.
+    stats = kernel_bytes(trace, settings, "fwd", ["native_batch_norm:stats"])
+    applies = kernel_bytes(trace, settings, "fwd", ["native_batch_norm:apply"])
+    assert stats == [half, Q_FP32]
+    assert [abs(got - want) <= VECTORS for got, want in zip(applies, [2 * half, 2 * Q_FP32])] == [True, True]
+
+
+def test_compile_fuses_batchnorm_with_gelu():
+    trace, settings = traced(["--amp", "off", "--seat-impl", "torch", "--compile"])
+    fused = kernel_bytes(trace, settings, "fwd", ["native_batch_norm:apply", "gelu"])
+    # One pass: read the conv3x3 output, write BN1's output (GELU's backward reads it) and GELU's.
+    assert len(fused) == 1 and abs(fused[0] - 3 * Q_FP32 // 2) <= VECTORS
+    eager_trace, eager_settings = traced(["--amp", "off", "--seat-impl", "torch"])
+    total = sum(k.bytes for k in step_cost.kernels(trace, settings))
+    assert total < sum(k.bytes for k in step_cost.kernels(eager_trace, eager_settings))
+
+
+@pytest.mark.parametrize("adam,per_param", [("foreach", 72), ("fused", 28)])
+def test_adam_bytes_per_parameter(adam, per_param):
+    trace, settings = traced(["--amp", "off"], adam=adam)
+    moved = sum(k.bytes for k in step_cost.kernels(trace, settings) if k.part == "optimizer")
+    assert per_param <= moved / trace.params <= per_param + 1  # + the step counters
+
+
+def test_bn_folding_removes_the_normalise_pass_and_the_backward_sums():
+    flags = ["--amp", "off", "--seat-impl", "triton", "--compile"]
+    plain, s_plain = traced(flags)
+    folded, s_folded = traced(flags, bn_folded=True)
+    saved = (sum(k.bytes for k in step_cost.kernels(plain, s_plain))
+             - sum(k.bytes for k in step_cost.kernels(folded, s_folded)))
+    # Forward: read h, write Q; backward: read dQ and h for the two sums.
+    assert abs(saved - 4 * Q_FP32) <= VECTORS
+    with pytest.raises(ValueError, match="fused"):
+        traced(["--seat-impl", "torch"], bn_folded=True)
+
+
+def test_cli_writes_a_table_per_gpu(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    assert sm.main(TINY + ["--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["gpus"]) == {"H100", "A100", "V100"}
+    for name, table in result["gpus"].items():
+        assert table["total_ms"] == pytest.approx(sum(r["floor_ms"] for r in table["rows"]))
+        assert table["total_ms"] > 0 and table["activation_gb_per_image"] > 0
+        assert {"part", "category", "gflop", "gb", "floor_ms"} <= set(table["rows"][0])
+    assert result["gpus"]["V100"]["settings"]["amp"] == "float16"  # no bf16 on sm70: fp16 + GradScaler
+    assert not result["gpus"]["V100"]["settings"]["seat_fused"]
+    assert "H100 (H100 SXM): floor" in capsys.readouterr().out
+
+
+def test_script_runs_from_anywhere(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "step_model.py"), *TINY, "--gpu", "A100",
+                           "--adam", "fused"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "A100" in proc.stdout and "fused Adam" in proc.stdout
