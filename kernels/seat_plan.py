@@ -72,6 +72,10 @@ INTERPRETER_GRAD_TILE = (64, 64)
 INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1)}
 INTERPRETER_SMS = 4
 REDUCE_BLOCK = 1024
+# Problems of at least FILL_ROWS rows get a plan with a CTA per SM when one is modeled within
+# FILL_SLACK of the fastest plan (issue 8's "grids that fill the GPU").
+FILL_ROWS = 65536
+FILL_SLACK = 1.10
 
 
 def bucket(bn: int) -> int:
@@ -251,6 +255,14 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
         launches = traffic.grad_launches(plan, dtype, spec)
         scored.append((sum(x.modeled_ms for x in launches), sum(x.total_bytes for x in launches), plan))
     best = min(ms for ms, _, _ in scored)
+    # A grid that leaves SMs idle wastes them in a way the model cannot see (each CTA's share of
+    # the HBM bandwidth is not the whole chip's): on problems of at least 65,536 rows take a
+    # plan with a CTA per SM if one is within FILL_SLACK of the fastest.
+    if B * M >= FILL_ROWS:
+        filling = [s for s in scored if s[2].ctas >= spec.sms and s[0] <= FILL_SLACK * best]
+        if filling:
+            scored = filling
+            best = min(ms for ms, _, _ in scored)
     # Within 1% of the fastest, fill more SMs (ranges of K | SMs columns); then fewer bytes.
     near = [s for s in scored if s[0] <= 1.01 * best]
     return min(near, key=lambda s: (-s[2].ctas, s[1], s[2].k))[-1]
