@@ -7,12 +7,7 @@ import sys
 
 from san_fast import ops
 from san_fast.config import build_parser, resolve
-from san_fast.distributed import launch_env
 from san_fast.runtime import resolve_device
-
-# Errors a user can cause and fix (flags, data files, the run folder, a checkpoint, divergence,
-# the file system): one line and exit code 2. Anything else is a bug and keeps its traceback.
-EXPECTED = (ValueError, OSError, FloatingPointError)
 
 
 def main(argv=None) -> None:
@@ -24,15 +19,14 @@ def main(argv=None) -> None:
         ops.check_impl(cfg.seat_impl, resolve_device(cfg.device))
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
-    from san_fast.engine import run  # after the flags are checked: a bad flag fails fast
+    # after the flags are checked: a bad flag fails fast
+    from san_fast.engine import run
+    from san_fast.report import EXPECTED, print_error
 
     try:
         run(cfg)
     except EXPECTED as exc:
-        rank, _, world = launch_env()
-        where = f" (rank {rank})" if world > 1 else ""
-        print(f"train.py: error{where}: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(print_error("train.py", exc))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The k-means-on-pixel-colours baseline: what clustering colour alone achieves.
 
-Colours are scaled to [0, 1] and standardised per channel with statistics of the sampled
-training pixels; the same transform is applied to validation pixels. K-means (k-means++
-seeding, Lloyd iterations, several seeded restarts, lowest inertia kept) runs on a random
-sample of training pixels; every validation pixel then takes its nearest centre, and the
-clusters are scored with the same Hungarian-matched ``UnsupervisedMetrics`` as the model.
+Pixel values (all bands: RGB, or Potsdam's RGB + IR) are scaled to [0, 1] and standardised per
+band with statistics of the sampled training pixels; the same transform is applied to evaluated
+pixels. K-means (k-means++ seeding, Lloyd iterations, several seeded restarts, lowest inertia
+kept) runs on a random sample of training pixels; every evaluated pixel then takes its nearest
+centre, and the clusters are scored like the model: the same ``UnsupervisedMetrics``, the same
+over-clustering rule, and the same evaluation plan (matching fitted on one set of images and,
+under IIC's IID+, applied to another), so the two rows of a run's table stay comparable.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from san_fast.evaluation import plan_scores
 from san_fast.metrics import UnsupervisedMetrics
 
 
 def _pixels(image: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float (H*W, 3) in [0, 1]."""
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected an image tensor of shape (3, H, W), got {tuple(image.shape)}")
-    return image.reshape(3, -1).t().float() / 255.0
+    """uint8 (C, H, W), C = 3 (RGB) or 4 (RGB + IR) -> float (H*W, C) in [0, 1]."""
+    if image.ndim != 3 or image.shape[0] not in (3, 4):
+        raise ValueError(f"expected an image tensor of shape (3, H, W) or (4, H, W) (RGB + IR), "
+                         f"got {tuple(image.shape)}")
+    return image.reshape(image.shape[0], -1).t().float() / 255.0
 
 
 def _items(dataset: Dataset, indices: Optional[list[int]], num_workers: int):
@@ -34,7 +38,7 @@ def _items(dataset: Dataset, indices: Optional[list[int]], num_workers: int):
 
 def sample_pixels(dataset: Dataset, max_pixels: int, max_images: int, generator: torch.Generator,
                   num_workers: int = 0, progress: bool = False) -> torch.Tensor:
-    """Up to ``max_pixels`` colours (N, 3) in [0, 1], spread evenly over up to ``max_images``."""
+    """Up to ``max_pixels`` pixel values (N, C) in [0, 1], spread evenly over up to ``max_images``."""
     n = len(dataset)
     if n == 0:
         raise ValueError("the training dataset is empty: k-means needs pixels to fit")
@@ -99,24 +103,38 @@ def kmeans_pixel_baseline(train_dataset: Dataset, val_dataset: Dataset, num_clus
                           num_classes: Optional[int] = None, max_pixels: int = 200_000,
                           max_images: int = 2000, iters: int = 50, restarts: int = 3,
                           seed: int = 0, ignore_index: int = 255, num_workers: int = 0,
-                          progress: bool = False) -> dict[str, Any]:
-    """Fit k-means on training pixel colours, cluster every validation pixel, score it.
+                          progress: bool = False, overcluster: str = "hungarian-majority",
+                          score_dataset: Optional[Dataset] = None) -> dict[str, Any]:
+    """Fit k-means on training pixels, cluster every pixel of ``val_dataset``, score it.
 
-    ``num_classes`` defaults to ``num_clusters``. Returns ``UnsupervisedMetrics.compute()``
-    plus ``method``, ``num_clusters``, ``train_pixels`` and ``inertia``.
+    ``val_dataset`` is where the cluster-to-class matching is fitted (and what is scored);
+    with ``score_dataset`` the matching fitted on ``val_dataset`` scores ``score_dataset``
+    instead (IIC's IID+). ``num_classes`` defaults to ``num_clusters``; ``overcluster`` as in
+    UnsupervisedMetrics. Returns its ``compute()`` plus ``method``, ``num_clusters``,
+    ``train_pixels`` and ``inertia``.
     """
     num_classes = num_classes or num_clusters
     generator = torch.Generator().manual_seed(seed)
-    train = sample_pixels(train_dataset, max_pixels, max_images, generator, num_workers, progress)
+    # Training items may be random crops drawn from torch's global generator (and DataLoader
+    # workers are seeded from it): seeded here, the fit depends on the data and `seed` only, not
+    # on what the process drew before (a training run, its length, its other switches).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        train = sample_pixels(train_dataset, max_pixels, max_images, generator, num_workers, progress)
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     centres, inertia = kmeans((train - mean) / std, num_clusters, iters, restarts, seed)
 
-    metrics = UnsupervisedMetrics(num_clusters, num_classes, ignore_index)
-    for image, label in tqdm(_items(val_dataset, None, num_workers), total=len(val_dataset),
-                             desc="k-means: evaluating", disable=not progress, leave=False):
-        pred = _sq_distances((_pixels(image) - mean) / std, centres).argmin(1)
-        metrics.update(pred.view(label.shape), label)
-    result = metrics.compute()
+    def clustered(dataset: Dataset, desc: str) -> UnsupervisedMetrics:
+        metrics = UnsupervisedMetrics(num_clusters, num_classes, ignore_index, overcluster=overcluster)
+        for image, label in tqdm(_items(dataset, None, num_workers), total=len(dataset), desc=desc,
+                                 disable=not progress, leave=False):
+            pred = _sq_distances((_pixels(image) - mean) / std, centres).argmin(1)
+            metrics.update(pred.view(label.shape), label)
+        return metrics
+
+    fit = clustered(val_dataset, "k-means: evaluating" if score_dataset is None else "k-means: matching")
+    scored = None if score_dataset is None else clustered(score_dataset, "k-means: scoring")
+    result = plan_scores(fit, scored)
     result.update(method="kmeans-pixels", num_clusters=num_clusters,
                   train_pixels=int(train.shape[0]), inertia=inertia)
     return result

@@ -1,14 +1,22 @@
 """A whole run: checks, data, model, training (san_fast/trainer.py), evaluation, the run folder.
 
 Everything that can be refused is refused before any work and before anything is written:
-flags (Config.validate), the batch split over ranks, the --resume checkpoint, the --out folder,
-the dataset layout and every data file. Then rank 0 locks the run folder, and the run trains,
-evaluates and writes its files (rank 0 only).
+flags (Config.validate), the logger, the batch split over ranks, the --resume checkpoint, the
+--out folder, the dataset layout, the evaluation plan and every data file. Then rank 0 locks the
+run folder, and the run trains, evaluates and writes its files (rank 0 only).
+
+Evaluation: every --eval-every epochs the model is validated on the val split (matching fitted
+there), which is what the progress line, the history and TensorBoard show. The run's final
+scores follow the evaluation plan of --eval-split (san_fast.data.splits): where the plan is the
+val split, the last validation is the final evaluation; otherwise (IIC's IID and IID+, PiCIE's
+Cityscapes train+val) the model is scored once more at the end on the plan's images, and the
+k-means baseline is scored the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -17,26 +25,41 @@ from san_fast import ops
 from san_fast.baseline import kmeans_pixel_baseline
 from san_fast.checkpoint import check_compatible, load_checkpoint, load_model_state
 from san_fast.config import Config, ConfigError
-from san_fast.data import build_dataset
+from san_fast.data import build_dataset, build_eval_datasets
 from san_fast.data._io import cache_root_of
-from san_fast.data.labels import class_names
-from san_fast.data.synthetic import class_names as synthetic_class_names
+from san_fast.data.splits import EvalPlan
 from san_fast.data.transforms import protocol_description
 from san_fast.data.verify import verify_dataset
 from san_fast.distributed import DistEnv, all_gather_objects, on_main, setup, teardown
-from san_fast.evaluation import evaluate
+from san_fast.evaluation import evaluate, evaluate_plan
 from san_fast.io_utils import atomic_write_json, atomic_write_text
 from san_fast.loader import train_loader, val_loader
+from san_fast.logger import check_logger, resolve_logger
 from san_fast.metrics import UnsupervisedMetrics
 from san_fast.model import SAN
 from san_fast.model.sync_batchnorm import convert_batchnorm
-from san_fast.run_folder import CONFIG, METRICS, RunFolder
+from san_fast.report import class_names_of, prediction_panels, summary_table, write_figures
+from san_fast.run_folder import CHECKPOINT, CONFIG, METRICS, TENSORBOARD, RunFolder
 from san_fast.runtime import Runtime, build_runtime, derive_seed, seed_everything
 from san_fast.train_step import LossSums, TrainStep, build_optimizer, wrap_objective
 from san_fast.trainer import Trainer, config_json
-from san_fast.viz import save_loss_curve, save_prediction_grid
+from san_fast.viz import save_loss_curve
 
 DEVICE_AUGMENT_STREAM = 2  # derive_seed purpose tag: each rank's on-device colour augmentation
+
+
+@dataclass
+class RunData:
+    train: Dataset  # training crops
+    val: Dataset  # the val split, validated every --eval-every epochs
+    plan: EvalPlan  # the final evaluation: the matching fitted on `fit`, applied to `score`
+    fit: Dataset
+    score: Dataset
+
+    @property
+    def plan_is_val(self) -> bool:
+        """The plan fits and scores the val split: the last validation is the final evaluation."""
+        return self.plan.fit == self.plan.score == ("val",)
 
 
 def run(cfg: Config) -> dict:
@@ -53,17 +76,20 @@ def run(cfg: Config) -> dict:
 def _run(cfg: Config, env: DistEnv) -> dict:
     runtime = build_runtime(cfg, env.device)
     ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
+    check_logger(cfg.logger)
     resume = _resume_state(cfg) if cfg.resume else None
     folder = RunFolder(cfg.out, cfg.resume, cfg.overwrite)
     folder.check()
-    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
-    _check_split_size(cfg, env, train_set)
-    for split, dataset in (("train", train_set), ("val", val_set)):
+    plan, fit_set, score_set = build_eval_datasets(cfg)
+    data = RunData(build_dataset(cfg, "train"), build_dataset(cfg, "val"), plan, fit_set, score_set)
+    _check_split_size(cfg, env, data.train)
+    # The plan's fit and score images are files of these two (the labelled ones of each part).
+    for split, dataset in (("train", data.train), ("val", data.val)):
         verify_dataset(dataset, split, cache_root_of(cfg) if cfg.data_root else None, cfg.num_workers,
                        env.is_main, env.rank, env.world_size, lambda obj: all_gather_objects(obj, env))
     on_main(folder.acquire, env)
     try:
-        return _train(cfg, env, runtime, folder, train_set, val_set, resume)
+        return _train(cfg, env, runtime, folder, data, resume)
     finally:
         folder.release()
 
@@ -87,14 +113,15 @@ def build_model(cfg: Config, runtime: Runtime, env: DistEnv) -> tuple[SAN, str]:
     model = SAN(cfg).to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    backend = model.set_attention_backend(cfg.attn, runtime.device)
+    backend = model.set_attention_backend(cfg.attn, runtime.device, batch=cfg.batch_size // env.world_size,
+                                          dtype=runtime.amp_dtype)
     if env.enabled:
         convert_batchnorm(model, runtime.device)
     return model, backend
 
 
-def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, train_set: Dataset,
-           val_set: Dataset, resume: Optional[dict]) -> dict:
+def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data: RunData,
+           resume: Optional[dict]) -> dict:
     model, backend = build_model(cfg, runtime, env)
     if resume is not None:
         load_model_state(model, resume, cfg.resume)
@@ -103,74 +130,79 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, train
     torch.manual_seed(derive_seed(cfg.seed, DEVICE_AUGMENT_STREAM, env.rank))
     step = TrainStep(wrap_objective(model, cfg, env), model, optimizer, runtime, cfg, env,
                      LossSums(runtime.device))
-    vals = val_loader(cfg, val_set, env, runtime)
-    num_classes = cfg.num_classes()
+    vals = val_loader(cfg, data.val, env, runtime)
+    num_classes, names = cfg.num_classes(), class_names_of(cfg)
+
+    def new_metrics() -> UnsupervisedMetrics:
+        return UnsupervisedMetrics(cfg.semantics(), num_classes, overcluster=cfg.overcluster)
 
     def score(num_vis: int, desc: str) -> tuple[dict, dict]:
-        metrics = UnsupervisedMetrics(cfg.semantics(), num_classes)
-        return evaluate(model, vals, runtime, metrics, env, num_vis=num_vis, desc=desc)
+        return evaluate(model, vals, runtime, new_metrics(), env, num_vis=num_vis, desc=desc)
 
     record = env.record(cfg.batch_size)
-    trainer = Trainer(cfg, env, step, train_loader(cfg, train_set, env, runtime), folder, score, record)
+    # A resumed run logs again from the step after its checkpoint: later events are hidden.
+    purge = int(resume["progress"]["step"]) + 1 if resume is not None else None
+    logger = resolve_logger(cfg.logger if env.is_main else "none", cfg.out, purge_step=purge)
+    trainer = Trainer(cfg, env, step, train_loader(cfg, data.train, env, runtime), folder, score, record,
+                      logger=logger, panels=prediction_panels(names))
     if resume is not None:
         trainer.restore(resume, cfg.resume)
     on_main(lambda: atomic_write_text(folder.file(CONFIG), config_json(cfg, record)), env)
     if env.is_main:
-        print(_banner(cfg, env, runtime, model, backend, optimizer, len(train_set), len(val_set)))
-    scores, shown, history = trainer.fit()
+        print(_banner(cfg, env, runtime, model, backend, optimizer, data))
+    with logger:
+        scores, shown, history = trainer.fit()
+        if not data.plan_is_val:
+            scores, shown = evaluate_plan(model, data.plan, val_loader(cfg, data.fit, env, runtime),
+                                          val_loader(cfg, data.score, env, runtime), runtime, new_metrics, env,
+                                          num_vis=cfg.num_vis)
     train = {"steps": trainer.progress.step, **trainer.clock.summary(trainer.images),
              "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"), "attention": backend,
              "compile": cfg.compile, "optimizer": "adam-fused" if step.fused else "adam-foreach",
              "distributed": record}
     result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),
               "protocol": protocol_description(cfg), "san": scores, "train": train,
-              "class_names": _class_names(cfg), "history": history}
+              "class_names": names, "history": history}
     if env.is_main:
-        _report(cfg, folder, result, shown, train_set, val_set)
+        _report(cfg, folder, result, shown, data, logger.enabled)
     return result
 
 
-def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: str, optimizer, n_train: int,
-            n_val: int) -> str:
+def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: str, optimizer,
+            data: RunData) -> str:
     params = sum(p.numel() for p in model.parameters())
     fused = "fused" if optimizer.defaults.get("fused") else "foreach"
     procs = (f"{env.world_size} processes ({env.backend}), {cfg.batch_size // env.world_size} images each"
              if env.enabled else "1 process")
-    return (f"san_fast: {cfg.dataset} ({n_train} train / {n_val} val images, {cfg.num_classes()} classes) | "
+    scoring = ("" if data.plan_is_val else
+               f", final scores: {data.plan.name} ({len(data.fit)} images fit the matching"
+               + (f", {len(data.score)} scored)" if data.plan.held_out else ", the same scored)"))
+    return (f"san_fast: {cfg.dataset} ({len(data.train)} train / {len(data.val)} val images{scoring}, "
+            f"{cfg.num_classes()} classes) | "
             f"SAN {params / 1e6:.2f}M params, P={cfg.embed_dim}, N={cfg.semantics()}, encoder {cfg.encoder}, "
-            f"ViT-{cfg.vit_depth} | device {runtime.device}, amp {runtime.amp_dtype or 'off'}, attention "
+            f"generator {cfg.generator}{f'-{cfg.vit_depth}' if cfg.generator == 'vit' else ''} | device "
+            f"{runtime.device}, amp {runtime.amp_dtype or 'off'}, attention "
             f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, compile {cfg.compile}, "
             f"Adam {fused} | {procs} | run folder {cfg.out}")
 
 
-def _class_names(cfg: Config) -> list[str]:
-    names = class_names(cfg.dataset)
-    return list(names) if names is not None else synthetic_class_names(cfg.num_classes())
-
-
-def _report(cfg: Config, folder: RunFolder, result: dict, shown: dict, train_set: Dataset,
-            val_set: Dataset) -> None:
-    """Rank 0: the baseline, metrics.json, the pictures, the table."""
+def _report(cfg: Config, folder: RunFolder, result: dict, shown: dict, data: RunData, logged: bool) -> None:
+    """Rank 0: the baseline (scored like the model), metrics.json, the pictures, the table."""
     if cfg.baseline:
-        result["baseline"] = kmeans_pixel_baseline(train_set, val_set, cfg.semantics(),
-                                                   num_classes=result["num_classes"], seed=cfg.seed)
+        result["baseline"] = kmeans_pixel_baseline(
+            data.train, data.fit, cfg.semantics(), num_classes=result["num_classes"], seed=cfg.seed,
+            overcluster=cfg.overcluster, score_dataset=data.score if data.plan.held_out else None,
+            num_workers=cfg.num_workers, progress=True)
     atomic_write_json(folder.file(METRICS), result)
-    if shown:
-        save_prediction_grid(folder.file("predictions.png"), shown["images"], shown["targets"], shown["preds"],
-                             class_names=result["class_names"], assignment=result["san"]["assignment"])
+    written = [folder.file(n) for n in (CONFIG, METRICS, CHECKPOINT)]
+    written += write_figures(folder.path, result["san"], shown, result["class_names"])
     history = result["history"]
-    save_loss_curve(folder.file("curves.png"), {k: v for k, v in history.items() if k != "clusters_used"},
-                    xlabel="epoch")
+    curves = {k: v for k, v in history.items() if k not in ("clusters_used", "val_epoch")}
+    epochs = history.get("val_epoch", [])
+    x = {k: epochs for k in ("val_acc", "val_miou") if len(history.get(k, [])) == len(epochs)}
+    save_loss_curve(folder.file("curves.png"), curves, xlabel="epoch", x=x)
+    written.append(folder.file("curves.png"))
+    if logged:
+        written.append(folder.file(TENSORBOARD))
     print(summary_table(result))
-    print("wrote " + ", ".join(str(folder.file(n)) for n in
-                               (CONFIG, METRICS, "checkpoint.pt", "predictions.png", "curves.png")))
-
-
-def summary_table(result: dict[str, Any]) -> str:
-    rows = [("SAN", result["san"])]
-    if "baseline" in result:
-        rows.append(("k-means on pixels", result["baseline"]))
-    lines = [f"{'method':<20} {'pixel acc':>9} {'mIoU':>7} {'clusters used':>14}"]
-    for name, s in rows:
-        lines.append(f"{name:<20} {s['acc']:>9.4f} {s['miou']:>7.4f} {s['clusters_used']:>14}")
-    return "\n".join(lines)
+    print("wrote " + ", ".join(str(p) for p in written))

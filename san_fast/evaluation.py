@@ -4,17 +4,23 @@ The caller decides what is scored (the loader: a split, sharded over ranks with 
 each image counts once) and how clusters are matched (the metrics object it passes, e.g.
 UnsupervisedMetrics with its over-clustering mode). Under DDP the ranks' confusion matrices are
 summed before the matching, so every rank computes the same scores.
+
+``evaluate_plan`` scores a model under an evaluation plan (san_fast.data.splits): the matching
+is fitted on the plan's fit images and applied to its scored images, which are the same images
+except under IIC's held-out IID+ (``plan_scores``, shared with the k-means baseline).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from san_fast.data.splits import EvalPlan
 from san_fast.distributed import DistEnv, all_reduce
+from san_fast.metrics import UnsupervisedMetrics
 from san_fast.model import SAN
 from san_fast.runtime import Runtime
 
@@ -67,3 +73,30 @@ def _sum_over_ranks(metrics: Any, finite: torch.Tensor, device: torch.device, en
         raise DivergedError("the model's outputs are not finite (NaN or inf) on the validation images: "
                             "training diverged (try a lower --lr)")
     metrics.confusion = packed[:-1].view_as(confusion)
+
+
+def plan_scores(fit: UnsupervisedMetrics, scored: Optional[UnsupervisedMetrics]) -> dict:
+    """Scores of a plan from its accumulated matrices: `fit`'s own matching when the plan scores
+    the images it fits on (`scored` None), else the matching fitted on `fit` applied to `scored`
+    (IIC's IID+: a cluster keeps the class it was given on the fit images)."""
+    if scored is None:
+        return fit.compute()
+    return scored.compute(assignment=fit.fit_assignment())
+
+
+def evaluate_plan(model: SAN, plan: EvalPlan, fit_loader: DataLoader, score_loader: DataLoader,
+                  runtime: Runtime, new_metrics: Callable[[], UnsupervisedMetrics], env: DistEnv,
+                  num_vis: int = 0, progress: bool = True) -> tuple[dict, dict]:
+    """(scores, shown) of `model` under `plan`: `fit_loader` holds the images the matching is
+    fitted on, `score_loader` those scored (the same loader unless plan.held_out); `shown` comes
+    from the scored images."""
+    fit = new_metrics()
+    _, shown = evaluate(model, fit_loader, runtime, fit, env, num_vis=0 if plan.held_out else num_vis,
+                        desc=f"eval ({plan.name})" + (": matching" if plan.held_out else ""), progress=progress,
+                        compute=False)
+    scored = None
+    if plan.held_out:
+        scored = new_metrics()
+        _, shown = evaluate(model, score_loader, runtime, scored, env, num_vis=num_vis,
+                            desc=f"eval ({plan.name}): scoring", progress=progress, compute=False)
+    return plan_scores(fit, scored), shown

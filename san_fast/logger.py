@@ -16,7 +16,8 @@ from typing import Mapping, Optional, Union
 import numpy as np
 import torch
 
-from san_fast.config import LOGGERS
+from san_fast.config import LOGGERS, ConfigError
+from san_fast.run_folder import TENSORBOARD
 
 _notice_shown = False
 
@@ -107,23 +108,30 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def check_logger(kind: str) -> None:
+    """Before any work: ``kind`` is known, and "tensorboard" has its package."""
+    if kind not in LOGGERS:
+        raise ConfigError(f"--logger {kind!r}: expected one of {', '.join(LOGGERS)}")
+    if kind == "tensorboard" and not tensorboard_available():
+        raise ConfigError("--logger tensorboard: the tensorboard package is not installed "
+                          "(pip install 'san-fast[tensorboard]', or --logger none)")
+
+
 def resolve_logger(kind: str, out_dir: Union[str, Path],
                    purge_step: Optional[int] = None) -> NullLogger:
     """``kind``: "tensorboard" (an error if the package is missing), "none", or "auto"
-    (TensorBoard when it imports, else the no-op logger and one notice per process)."""
+    (TensorBoard when it imports, else the no-op logger and one notice per process).
+    ``purge_step``: the first step a resumed run logs again; events a crashed run wrote from
+    that step on are hidden."""
     global _notice_shown
-    if kind not in LOGGERS:
-        raise ValueError(f"logger {kind!r}: expected one of {', '.join(LOGGERS)}")
+    check_logger(kind)
     if kind == "none" or not is_rank_zero():
         return NullLogger()
     if not tensorboard_available():
-        if kind == "tensorboard":
-            raise RuntimeError("--logger tensorboard: the tensorboard package is not installed "
-                               "(pip install 'san-fast[tensorboard]')")
         if not _notice_shown:
             print("san_fast: tensorboard is not installed, so no TensorBoard logs are written "
                   "(pip install 'san-fast[tensorboard]'; --logger none hides this notice)",
                   file=sys.stderr)
             _notice_shown = True
         return NullLogger()
-    return TensorBoardLogger(Path(out_dir) / "tensorboard", purge_step=purge_step)
+    return TensorBoardLogger(Path(out_dir) / TENSORBOARD, purge_step=purge_step)

@@ -28,7 +28,8 @@ from san_fast.api import load, read_assignment
 from san_fast.image_files import Decoded, ImageFile, find_images, output_stems, read_image
 from san_fast.inference import input_channels
 from san_fast.io_utils import atomic_write_json
-from san_fast.viz import label_palette, save_indexed_png, save_overlay
+from san_fast.metrics import UNASSIGNED
+from san_fast.viz import UNMATCHED_COLOUR, UNMATCHED_NAME, label_palette, save_indexed_png, save_overlay
 
 # Pillow refuses images above ~179 Mpx as possible decompression bombs; aerial mosaics are
 # larger. 2^30 pixels still stops a file that would exhaust memory.
@@ -84,9 +85,12 @@ class _Outputs:
             self.shown_palette = label_palette(num_clusters)
             self.names = [f"cluster {k}" for k in range(num_clusters)]
         else:
-            self.lut = np.asarray(assignment)
-            self.shown_palette = label_palette(len(class_names))
-            self.names = list(class_names)
+            # A cluster matched to no class (-1, the strict over-clustering rule) gets an entry
+            # of its own after the classes.
+            k = len(class_names)
+            self.lut = np.where(np.asarray(assignment) == UNASSIGNED, k, assignment)
+            self.shown_palette = np.concatenate([label_palette(k), [UNMATCHED_COLOUR]]).astype(np.uint8)
+            self.names = list(class_names) + [UNMATCHED_NAME]
         # The mask keeps cluster ids; its palette gives each cluster its class's colour.
         self.mask_palette = self.shown_palette[self.lut]
         self.records: list[dict] = []

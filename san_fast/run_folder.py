@@ -9,6 +9,7 @@ however it ends (SIGKILL included), so a crashed run never leaves a stale lock b
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,10 @@ except ImportError:  # Windows: no flock; runs are then not protected against ea
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
-# Files a run writes; --overwrite removes them so no result of the earlier run survives.
-RUN_FILES = (CHECKPOINT, CONFIG, METRICS, "predictions.png", "curves.png")
+TENSORBOARD = "tensorboard"  # folder of TensorBoard event files (san_fast.logger)
+# Files (and the TensorBoard folder) a run writes; --overwrite removes them so no result of the
+# earlier run survives.
+RUN_FILES = (CHECKPOINT, CONFIG, METRICS, "predictions.png", "curves.png", "confusion.png", TENSORBOARD)
 LOCK = ".lock"
 
 
@@ -70,7 +73,11 @@ class RunFolder:
         self.check()  # another run may have written a checkpoint between check() and the lock
         if self.overwrite:
             for name in RUN_FILES:
-                self.file(name).unlink(missing_ok=True)
+                path = self.file(name)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self._lock_fd is not None:

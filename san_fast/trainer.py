@@ -2,7 +2,8 @@
 
 The device is read only at log points (every --log-every steps and at each epoch's last step)
 and at checkpoints: one transfer of the summed loss terms, the collapse indicator and the
-divergence flags. A non-finite loss is detected on the device and its step skipped there; the
+divergence flags. What the logger (san_fast.logger: TensorBoard or nothing) gets comes from those
+reads and from host-side values (learning rate, wall time): logging adds no device read. A non-finite loss is detected on the device and its step skipped there; the
 run stops at the next read with DivergedError, before any checkpoint or result is written, so
 the last good checkpoint stays as it was.
 """
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -22,12 +24,14 @@ from san_fast.config import Config
 from san_fast.distributed import DistEnv, all_gather_objects, all_reduce, on_main
 from san_fast.evaluation import DivergedError
 from san_fast.io_utils import atomic_write_text
+from san_fast.logger import NullLogger
 from san_fast.run_folder import CHECKPOINT, CONFIG, RunFolder
 from san_fast.runtime import rng_state, set_rng_state
 from san_fast.train_step import TrainStep
 
 WARMUP_STEPS = 5  # steps left out of images_per_second_after_warmup (compilation, allocator)
 Evaluate = Callable[[int, str], tuple[dict, dict]]  # (num_vis, desc) -> (scores, shown)
+Panels = Callable[[dict, dict], np.ndarray]  # (scores, shown) -> pixels of the prediction grid
 
 
 @dataclass
@@ -94,10 +98,17 @@ class StepClock:
 
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, step: TrainStep, loader, folder: RunFolder,
-                 evaluate: Evaluate, run_record: dict):
+                 evaluate: Evaluate, run_record: dict, logger: Optional[NullLogger] = None,
+                 panels: Optional[Panels] = None):
         self.cfg, self.env, self.step_fn, self.loader = cfg, env, step, loader
         self.batches = loader.batch_sampler
         self.folder, self.evaluate, self.run_record = folder, evaluate, run_record
+        self.logger = logger or NullLogger()
+        self.panels = panels
+        # At the last logged read: (summed step count, summed loss terms) of the epoch, and
+        # (images, loop seconds); the logger gets each term's mean over the steps since then.
+        self._logged_sums: Optional[tuple[float, list[float]]] = None
+        self._logged_clock = (0, 0.0)
         self.model, self.optimizer, self.sums = step.model, step.optimizer, step.sums
         self.device = step.runtime.device
         self.progress = Progress()
@@ -176,7 +187,23 @@ class Trainer:
             used = sum(v > 0 for v in values[1 + k:1 + k + self.cfg.semantics()])
             self.progress.log("clusters_used", used)
             bar.set_postfix(loss=f"{means['loss']:.4f}", used=f"{used}/{self.cfg.semantics()}")
+            self._log_train(values[0], values[1:1 + k], used)
         return means
+
+    def _log_train(self, count: float, sums: list[float], used: int) -> None:
+        """The logger's training scalars at a log point: each loss term's mean over the steps
+        since the previous log point, the learning rate, images/s over the loop time between
+        them, and the collapse indicator."""
+        if not self.logger.enabled:
+            return
+        base_count, base_sums = self._logged_sums or (0.0, [0.0] * len(sums))
+        elapsed = self.clock.elapsed()
+        images, since = self.images - self._logged_clock[0], elapsed - self._logged_clock[1]
+        if count > base_count:
+            terms = {key: (sums[i] - base_sums[i]) / (count - base_count) for i, key in enumerate(self.sums.keys)}
+            self.logger.log_train(self.progress.step, terms, lr=self.optimizer.param_groups[0]["lr"],
+                                  images_per_second=images / since if since > 0 else None, clusters_used=used)
+        self._logged_sums, self._logged_clock = (count, list(sums)), (self.images, elapsed)
 
     def _last_good(self) -> str:
         if self.saved_step is None:
@@ -193,18 +220,28 @@ class Trainer:
             history.setdefault(key, []).append(value)
         scores, shown = None, {}
         if last or p.epoch % self.cfg.eval_every == 0:
-            scores, shown = self.evaluate(self.cfg.num_vis if last else 0, f"eval epoch {p.epoch}")
+            # Panels for the logger at every evaluation; predictions.png takes the last ones.
+            num_vis = self.cfg.num_vis if last or self.logger.enabled else 0
+            scores, shown = self.evaluate(num_vis, f"eval epoch {p.epoch}")
             history.setdefault("val_acc", []).append(scores["acc"])
             history.setdefault("val_miou", []).append(scores["miou"])
+            history.setdefault("val_epoch", []).append(p.epoch)  # the x of val_* (--eval-every)
+            self._log_eval(scores, shown)
         if self.env.is_main:
             tqdm.write(_log_line(p.epoch, means, scores))
         if not partial:
             p.history = history
             p.epoch, p.batch = p.epoch + 1, 0
             self.sums.reset()
+            self._logged_sums = None
         self.save()
         if last:
             self.result = scores, shown, history
+
+    def _log_eval(self, scores: dict, shown: dict) -> None:
+        if self.logger.enabled:
+            grid = self.panels(scores, shown) if shown and self.panels is not None else None
+            self.logger.log_eval(self.progress.step, scores, grid)
 
     # --- checkpoints ---------------------------------------------------------------------------
 

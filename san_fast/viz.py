@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from san_fast.io_utils import PathLike, atomic_save_image
+from san_fast.metrics import UNASSIGNED
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -35,6 +36,10 @@ _BASE_PALETTE = np.array([
     (0, 128, 255), (255, 105, 180), (0, 100, 0), (255, 160, 0), (100, 60, 160),
     (0, 190, 160), (200, 80, 40), (120, 170, 255), (180, 0, 90), (110, 110, 110),
 ], dtype=np.uint8)
+# A cluster that the strict over-clustering rule matched to no class (assignment -1) is shown
+# white: the palette keeps clear of white, and black marks ignored pixels.
+UNMATCHED_COLOUR = (255, 255, 255)
+UNMATCHED_NAME = "no class (unmatched cluster)"
 _DPI = 100
 _TILE_INCHES = 1.9  # one panel of the prediction grid, whatever the crop size
 _FONT = 9
@@ -141,7 +146,8 @@ def prediction_grid_figure(images: ArrayLike, targets: ArrayLike, preds: ArrayLi
     ``images``: uint8 (B, C, H, W), C in 1, 3, 4 (RGB is shown); ``targets``: (B, H, W) class
     ids (``ignore_index`` black); ``preds``: (B, H, W) cluster ids, mapped through
     ``assignment`` (cluster -> class, from ``UnsupervisedMetrics.compute()``) so matched
-    clusters take their class's colour. Without an assignment the raw cluster ids are coloured.
+    clusters take their class's colour (a cluster assigned -1, matched to no class by the strict
+    over-clustering rule, is white). Without an assignment the raw cluster ids are coloured.
     With ``class_names`` a legend names the classes shown.
     """
     images, targets, preds = _numpy(images), _numpy(targets), _numpy(preds)
@@ -162,10 +168,17 @@ def prediction_grid_figure(images: ArrayLike, targets: ArrayLike, preds: ArrayLi
     n = max(len(class_names or ()), int(preds.max(initial=-1)) + 1,
             int(valid_targets.max(initial=-1)) + 1, 1)
     palette = label_palette(n)
+    unmatched = bool((preds == UNASSIGNED).any())
+    if unmatched:  # clusters the strict rule matched to no class: one extra colour, after the classes
+        preds = np.where(preds == UNASSIGNED, n, preds)
+        palette = np.concatenate([palette, [UNMATCHED_COLOUR]]).astype(np.uint8)
 
-    handles = (_grid_legend(class_names, valid_targets, preds if assignment is not None else None,
+    handles = (_grid_legend(class_names, valid_targets, preds[preds < n] if assignment is not None else None,
                             palette, bool((targets == ignore_index).any()))
                if class_names else [])
+    if unmatched:
+        handles.append(Patch(facecolor=np.asarray(UNMATCHED_COLOUR) / 255.0, edgecolor="0.2",
+                             label=UNMATCHED_NAME))
     legend_rows = -(-len(handles) // 4)
     legend_in = 0.3 + 0.22 * legend_rows if legend_rows else 0.0
     fig = Figure(figsize=(3 * _TILE_INCHES, b * _TILE_INCHES + 0.35 + legend_in), dpi=_DPI,
@@ -174,7 +187,7 @@ def prediction_grid_figure(images: ArrayLike, targets: ArrayLike, preds: ArrayLi
     titles = ("image", "ground truth", "prediction" if assignment is not None else "clusters")
     for i in range(b):
         tiles = (rgb_view(images[i]), colorize(targets[i], n, ignore_index, palette),
-                 colorize(preds[i], n, ignore_index, palette))
+                 colorize(preds[i], len(palette), ignore_index, palette))
         for c, tile in enumerate(tiles):
             ax = axes[i, c]
             ax.imshow(tile, interpolation="nearest")
@@ -199,7 +212,8 @@ def loss_curve_figure(history: dict[str, Sequence[float]], xlabel: str = "step",
                       x: Optional[dict[str, Sequence[float]]] = None) -> Figure:
     """One line chart per series of ``history``, each with its own y axis (loss terms live on
     different scales). A series' i-th value is drawn at x = i + 1 (epoch 1 is the first epoch),
-    or at ``x[name]`` when given (e.g. the epochs at which validation ran). NaN breaks the line."""
+    or at ``x[name]`` when given (e.g. the epochs at which validation ran); every chart spans
+    the same x range, so the charts line up. NaN breaks the line."""
     if not history:
         raise ValueError("history is empty: expected a dict of series name -> list of values")
     x = x or {}
@@ -208,12 +222,15 @@ def loss_curve_figure(history: dict[str, Sequence[float]], xlabel: str = "step",
     fig = Figure(figsize=(5.2 * cols, 2.3 * rows + (0.4 if title else 0)), dpi=_DPI,
                  layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    span = [np.inf, -np.inf]
     for i, (name, values) in enumerate(history.items()):
         ax = axes[i]
         values = np.asarray(list(values), dtype=np.float64)
         xs = np.asarray(x[name], dtype=np.float64) if name in x else np.arange(1, len(values) + 1)
         if len(xs) != len(values):
             raise ValueError(f"x[{name!r}] has {len(xs)} positions for {len(values)} values")
+        if len(xs):
+            span = [min(span[0], xs.min()), max(span[1], xs.max())]
         finite = np.isfinite(values)
         ax.set_title(name if not finite.any() else f"{name}   (last {values[finite][-1]:.4g})",
                      fontsize=_FONT + 1, loc="left")
@@ -226,6 +243,10 @@ def loss_curve_figure(history: dict[str, Sequence[float]], xlabel: str = "step",
         ax.grid(True, color="0.9")
         ax.tick_params(labelsize=_FONT)
         ax.set_xlabel(xlabel, fontsize=_FONT)
+    if np.isfinite(span).all():
+        pad = max(0.25, 0.03 * (span[1] - span[0]))
+        for ax in axes[:len(history)]:
+            ax.set_xlim(span[0] - pad, span[1] + pad)
     for ax in axes[len(history):]:
         ax.set_axis_off()
     if title:
@@ -234,22 +255,30 @@ def loss_curve_figure(history: dict[str, Sequence[float]], xlabel: str = "step",
 
 
 def save_confusion_matrix(path: PathLike, confusion: ArrayLike, class_names: Sequence[str],
-                          title: Optional[str] = None) -> np.ndarray:
+                          title: Optional[str] = None,
+                          unmatched: Optional[Sequence[int]] = None) -> np.ndarray:
     """``confusion_figure`` written to ``path``; returns its pixels."""
-    return _save(path, confusion_figure(confusion, class_names, title))
+    return _save(path, confusion_figure(confusion, class_names, title, unmatched))
 
 
 def confusion_figure(confusion: ArrayLike, class_names: Sequence[str],
-                     title: Optional[str] = None) -> Figure:
+                     title: Optional[str] = None,
+                     unmatched: Optional[Sequence[int]] = None) -> Figure:
     """The matched confusion matrix as ``UnsupervisedMetrics.compute()`` returns it (rows:
     predicted class, i.e. clusters mapped through the Hungarian assignment; columns: ground
     truth), drawn the usual way round: a row per ground-truth class, normalised to the
     fraction of that class's pixels given to each predicted class, so the diagonal is the
-    per-class recall in the Hungarian order. Classes without pixels show an empty row."""
+    per-class recall in the Hungarian order. Classes without pixels show an empty row.
+    ``unmatched`` (the strict over-clustering rule's per-class pixels of clusters matched to no
+    class) adds a last column, so each row still sums to the whole class."""
     counts = _numpy(confusion).astype(np.float64)
     n = len(class_names)
     if counts.shape != (n, n):
         raise ValueError(f"confusion must be ({n}, {n}) for {n} class names, got {counts.shape}")
+    predicted = list(class_names)
+    if unmatched is not None and np.sum(unmatched) > 0:
+        counts = np.concatenate([counts, np.asarray(unmatched, np.float64).reshape(1, n)])
+        predicted.append(UNMATCHED_NAME)
     by_truth = counts.T
     totals = by_truth.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -261,18 +290,17 @@ def confusion_figure(confusion: ArrayLike, class_names: Sequence[str],
     shown = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0.0, vmax=1.0)
     ax.set_facecolor("0.85")  # rows of classes absent from the ground truth
     fontsize = _FONT if n <= 15 else 7
-    ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right", rotation_mode="anchor",
-                  fontsize=fontsize)
+    ax.set_xticks(range(len(predicted)), labels=predicted, rotation=45, ha="right",
+                  rotation_mode="anchor", fontsize=fontsize)
     rows = [name if total > 0 else f"{name} (no pixels)" for name, total in zip(class_names, totals[:, 0])]
     ax.set_yticks(range(n), labels=rows, fontsize=fontsize)
     ax.set_xlabel("predicted class (clusters after Hungarian matching)", fontsize=_FONT)
     ax.set_ylabel("ground truth", fontsize=_FONT)
     if n <= 15:  # numbers stay legible; above that the colour carries the information
-        for i in range(n):
-            for j in range(n):
-                if np.isfinite(share[i, j]):
-                    ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center",
-                            fontsize=fontsize - 1, color="white" if share[i, j] > 0.55 else "0.1")
+        for i, j in np.ndindex(share.shape):
+            if np.isfinite(share[i, j]):
+                ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center",
+                        fontsize=fontsize - 1, color="white" if share[i, j] > 0.55 else "0.1")
     bar = fig.colorbar(shown, ax=ax, shrink=0.8)
     bar.set_label("fraction of the ground-truth class's pixels", fontsize=_FONT)
     bar.ax.tick_params(labelsize=_FONT)

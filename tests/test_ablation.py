@@ -48,3 +48,21 @@ def test_table5_is_the_default(tmp_path, trainings):
     table = (tmp_path / "ablation.md").read_text()
     assert "| full model | 85.0 | 42.5 | 6 |" in table
     assert "| k-means on pixels (baseline) | 50.0 | 25.0 | 6 |" in table
+
+
+def test_row_folders_holding_runs_need_overwrite(tmp_path, trainings, capsys):
+    row = tmp_path / "full_model"
+    row.mkdir()
+    (row / "checkpoint.pt").write_bytes(b"x")
+    assert ablation.main(["--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "full_model" in err and "--overwrite" in err
+    assert trainings == []  # refused before the first training
+    assert ablation.main(["--out", str(tmp_path), "--overwrite"]) == 0
+    assert len(trainings) == 5 and all(c.overwrite for c in trainings)
+
+
+def test_a_bad_flag_is_one_line_before_any_training(tmp_path, trainings, capsys):
+    assert ablation.main(["--out", str(tmp_path), "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--epochs 0" in err and trainings == []

@@ -1,5 +1,7 @@
 """san_fast.load and SAN.segment: layouts, pixel types, any size, errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import san_fast
-from san_fast.api import load
+from san_fast.api import load, read_assignment
 from san_fast.runtime import Runtime
 from tiny_model import save_checkpoint, smooth_image, tiny_model
 
@@ -134,6 +136,17 @@ def test_load_errors(model, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises((RuntimeError, ValueError), match="CUDA is not available"):
             load(save_checkpoint(tmp_path / "c.pt", model), device="cuda")
+
+
+def test_read_assignment_takes_clusters_matched_to_no_class(tmp_path):
+    names = ["sky", "grass", "road"]
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"san": {"assignment": [2, 0, -1, 1, -1]}, "class_names": names}))
+    assert read_assignment(path, 5) == ([2, 0, -1, 1, -1], names)  # the strict rule's -1
+    for bad in ([2, 0, -2, 1, 0], [2, 0, 3, 1, 0]):
+        path.write_text(json.dumps({"assignment": bad, "class_names": names}))
+        with pytest.raises(ValueError, match=r"\[0, 3\), or be -1"):
+            read_assignment(path, 5)
 
 
 def test_four_band_model_takes_rgb_plus_infrared():

@@ -50,6 +50,40 @@ def test_more_clusters_than_classes():
     assert len(result["assignment"]) == 6 and result["acc"] > 0.99
 
 
+class FourBands(FlatColours):
+    """Classes 2 and 3 share their RGB colour and differ in the 4th (infrared) band."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        rgb = image.clone()
+        rgb[:, label == 3] = COLOURS[2].view(3, 1).to(torch.uint8)
+        ir = torch.where(label == 3, 230, 20).to(torch.uint8)[None]
+        return torch.cat([rgb, ir]), label
+
+
+class Relabelled(FlatColours):
+    """The same colours, each under the next class id."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return image, torch.where(label == 255, label, (label + 1) % 4)
+
+
+def test_the_infrared_band_is_clustered_too():
+    result = kmeans_pixel_baseline(FourBands(40, 0), FourBands(10, 1), num_clusters=4)
+    assert result["acc"] > 0.99  # classes 2 and 3 are told apart by IR alone
+
+
+def test_a_held_out_plan_applies_the_matching_fitted_on_other_images():
+    own = kmeans_pixel_baseline(FlatColours(20, 0), Relabelled(5, 1), 4)
+    assert own["acc"] > 0.99  # fitted on the relabelled images themselves
+    held = kmeans_pixel_baseline(FlatColours(20, 0), FlatColours(5, 2), 4, score_dataset=Relabelled(5, 1))
+    assert held["acc"] < 0.01 and held["num_pixels"] == own["num_pixels"]  # the matching of FlatColours
+    strict = kmeans_pixel_baseline(FlatColours(20, 0), FlatColours(5, 1), num_clusters=6, num_classes=4,
+                                   overcluster="strict")
+    assert strict["overcluster"] == "strict" and strict["left_out"] + strict["num_pixels"] == 5 * 255
+
+
 def test_kmeans_recovers_separated_blobs():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
@@ -72,3 +106,16 @@ def test_synthetic_default_leaves_room_for_a_model():
     result = kmeans_pixel_baseline(train, val, 6)
     assert 0.2 < result["acc"] < 0.8
     assert result["clusters_used"] == 6
+
+
+def test_random_crops_are_drawn_from_the_seed_not_the_callers_stream():
+    from san_fast.config import Config
+    from san_fast.data import build_dataset
+
+    cfg = Config(synthetic_classes=4, synthetic_train_size=8, synthetic_val_size=4, crop_size=16,
+                 synthetic_image_size=32)
+    train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")  # random 16x16 crops
+    torch.manual_seed(1)
+    a = kmeans_pixel_baseline(train, val, 4, max_pixels=1000, seed=3)
+    torch.manual_seed(2)
+    assert kmeans_pixel_baseline(train, val, 4, max_pixels=1000, seed=3) == a

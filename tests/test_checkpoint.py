@@ -90,9 +90,14 @@ def test_the_run_folder_is_locked_and_not_reused(tmp_path):
     resumed = RunFolder(str(tmp_path / "run"), resume=str(tmp_path / "run" / "checkpoint.pt"), overwrite=False)
     resumed.acquire()
     resumed.release()
+    (tmp_path / "run" / "tensorboard").mkdir()
+    (tmp_path / "run" / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+    (tmp_path / "run" / "confusion.png").write_bytes(b"x")
+    (tmp_path / "run" / "notes.txt").write_text("not the run's")
     fresh = RunFolder(str(tmp_path / "run"), resume=None, overwrite=True)
     fresh.acquire()
-    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "metrics.json").exists()
+    left = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert left == [".lock", "notes.txt"]  # every file of the earlier run, its TensorBoard logs too
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -166,7 +166,7 @@ def test_description_records_protocol_crop_bands_split_overcluster_and_model():
     assert coco27["train_crop"] == "paper" and "no resampling" in coco27["train_transform"]
     assert coco27["evaluation"]["eval_split"] == "val" and coco27["channels"] == 3
     assert coco27["overcluster"]["mode"] == "hungarian-majority"
-    assert coco27["model"]["generator"] == "vit" and coco27["model"]["vit_norm"] == "pre"
+    assert coco27["model"]["generator"] == "vit" and coco27["model"]["vit_norm"] == "post"
 
     potsdam = protocol_description(Config(dataset="potsdam", data_root="x", eval_protocol="iic",
                                           crop_size=64, overcluster="strict", generator="unet"))

@@ -6,6 +6,8 @@ One set of runs shared by the tests (module fixture), all with the same tiny fla
 - with colour jitter and dropping (random draws on every step, so resume must restore them):
   single_full / ddp_full: uninterrupted; single_killed / ddp_killed: SIGKILL right after the
   checkpoint of step 3, then resumed to step 6 (the DDP one by torchrun, the README's command).
+- python -m san_fast.evaluate by one process and by the two ranks: of ddp_plain's checkpoint, and
+  of a 4-band Potsdam model under IIC's held-out IID+ plan (matching fitted on other tiles).
 """
 
 import json
@@ -42,13 +44,26 @@ def ddp_runs(rank, base):
     from san_fast import engine
 
     dist.init_process_group("gloo")
+    from san_fast.evaluate import main as evaluate
+
     outcome = {}
     for name, extra in (("ddp_plain", {}), ("ddp_full", JITTER)):
         outcome[name] = keep_buffers(lambda: engine.run(config(Path(base) / name, **extra)))
+    for argv in evaluations(base, "ddp").values():
+        assert evaluate(argv) == 0
     torch.save(outcome, Path(base) / f"outcome-rank{rank}.pt")  # this process ends by SIGKILL
     kill_after_checkpoint(KILL_AT)
     engine.run(config(Path(base) / "ddp_killed", **JITTER))
     raise AssertionError("the run should have been killed")
+
+
+def evaluations(base, who):
+    """evaluate's flags per checkpoint; `who` names the output folders."""
+    base = Path(base)
+    return {"synthetic": ["--checkpoint", str(base / "ddp_plain" / "checkpoint.pt"), "--device", "cpu",
+                          "--out", str(base / f"{who}_eval_synthetic")],
+            "potsdam": ["--checkpoint", str(base / "potsdam.pt"), "--device", "cpu", "--num-workers", "0",
+                        "--eval-split", "iid+", "--out", str(base / f"{who}_eval_potsdam")]}
 
 
 def single_killed(rank, out):
@@ -116,13 +131,21 @@ def cli_flags(out, **extra):
 def runs(tmp_path_factory):
     from san_fast.engine import run
 
+    from san_fast.evaluate import main as evaluate
+    from test_data_potsdam import make_potsdam
+    from tiny_model import save_checkpoint, tiny_model
+
     base = tmp_path_factory.mktemp("ddp")
+    make_potsdam(base / "data")
+    save_checkpoint(base / "potsdam.pt", tiny_model(dataset="potsdam", data_root=str(base / "data"), num_semantics=8))
     runs = {"base": base, "single": run(config(base / "single")),
             "single_full": run(config(base / "single_full", **JITTER))}
     assert run_ranks(single_killed, 1, str(base / "single_killed")) == [None]
     runs["single_resumed"] = run(config(base / "single_killed", resume=str(base / "single_killed" / "checkpoint.pt"),
                                         **JITTER))
     assert run_ranks(ddp_runs, 2, str(base)) == [None, None]  # both ranks killed at the end
+    for argv in evaluations(base, "single").values():
+        assert evaluate(argv) == 0
     killed = base / "ddp_killed"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "train.py", *cli_flags(killed, resume=killed / "checkpoint.pt", **JITTER)],
@@ -155,6 +178,18 @@ def test_two_processes_train_the_same_model_as_one(runs):
     assert got["train"]["distributed"] == {"world_size": 2, "per_rank_batch": 4, "backend": "gloo"}
     assert json.loads((runs["base"] / "ddp_plain" / "config.json").read_text())["distributed"] == \
         got["train"]["distributed"]
+
+
+def test_evaluate_under_torchrun_gives_the_scores_of_one_process(runs):
+    # on the run's own validation set, the ranks reproduce the run's final scores
+    assert metrics(runs, "ddp_eval_synthetic")["san"] == metrics(runs, "ddp_plain")["san"]
+    for name in ("synthetic", "potsdam"):
+        got, want = metrics(runs, f"ddp_eval_{name}"), metrics(runs, f"single_eval_{name}")
+        assert got["san"] == want["san"], name
+        assert got["evaluation"]["distributed"]["world_size"] == 2
+    potsdam = metrics(runs, "ddp_eval_potsdam")
+    assert potsdam["protocol"]["evaluation"]["held_out_matching"] and potsdam["protocol"]["channels"] == 4
+    assert potsdam["evaluation"]["images_fitted"] == potsdam["evaluation"]["images_scored"] == 2
 
 
 def test_every_rank_keeps_the_same_running_statistics(runs):

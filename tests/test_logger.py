@@ -61,7 +61,7 @@ def test_none_and_missing_package(tmp_path, monkeypatch, capsys):
     assert type(resolve_logger("auto", tmp_path)) is NullLogger
     assert type(resolve_logger("auto", tmp_path)) is NullLogger
     assert capsys.readouterr().err.count("tensorboard is not installed") == 1
-    with pytest.raises(RuntimeError, match=r"pip install 'san-fast\[tensorboard\]'"):
+    with pytest.raises(ValueError, match=r"pip install 'san-fast\[tensorboard\]'"):
         resolve_logger("tensorboard", tmp_path)
     with pytest.raises(ValueError, match="expected one of"):
         resolve_logger("wandb", tmp_path)

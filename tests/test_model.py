@@ -160,7 +160,7 @@ def test_san_trains_with_a_cnn_generator(generator):
     terms["loss"].backward()
     grads = [p.grad for p in model.backbone.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model.set_attention_backend("math", torch.device("cpu")) == "math"
+    assert model.set_attention_backend("math", torch.device("cpu")) == "none"  # a CNN has no attention
     assert model.eval().predict(torch.randn(1, 3, 48, 64)).shape == (1, 48, 64)
 
 
@@ -215,3 +215,18 @@ def test_rgbir_model_takes_and_reconstructs_four_bands_through_the_c4_kernel_pat
     for (name, p_got), p_want in zip(kernel.named_parameters(), reference.parameters()):
         assert torch.allclose(p_got.grad, p_want.grad, rtol=1e-3, atol=1e-6), name
     assert SAN(tiny(dataset="potsdam", data_root="x", potsdam_bands="rgb")).recon.out_channels == 3
+
+
+def test_the_attention_backend_is_chosen_for_the_models_own_shape_and_dtype(monkeypatch):
+    from san_fast.model import san as san_module
+
+    asked = []
+    monkeypatch.setattr(san_module, "resolve_backend",
+                        lambda name, device, shape=None, dtype=None: asked.append((name, shape, dtype)) or "math")
+    model = SAN(tiny(vit_dim=48, vit_heads=3, batch_size=12))
+    assert model.set_attention_backend("auto", torch.device("cpu")) == "math"
+    assert model.backbone.blocks[0].attn.backend == "math"
+    # (batch, tokens of a 32x32 crop in 8x8 patches, heads, head dim); no AMP: fp32
+    assert asked[-1] == ("auto", (12, 16, 3, 16), torch.float32)
+    model.set_attention_backend("auto", torch.device("cpu"), batch=4, dtype=torch.bfloat16, image_size=64)
+    assert asked[-1] == ("auto", (4, 64, 3, 16), torch.bfloat16)

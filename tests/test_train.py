@@ -22,7 +22,7 @@ def tiny_flags(out: Path, **extra) -> dict:
 
 def test_run_writes_config_metrics_checkpoint_and_pictures(tmp_path):
     result = run(resolve(tiny_flags(tmp_path), cuda_available=False))
-    for name in ("config.json", "metrics.json", "checkpoint.pt", "predictions.png", "curves.png"):
+    for name in ("config.json", "metrics.json", "checkpoint.pt", "predictions.png", "curves.png", "confusion.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for method in ("san", "baseline"):

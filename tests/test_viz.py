@@ -3,9 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from san_fast.viz import (colorize, confusion_figure, label_palette, loss_curve_figure,
-                          overlay_figure, prediction_grid_figure, render, save_confusion_matrix,
-                          save_indexed_png, save_loss_curve, save_overlay, save_prediction_grid)
+from san_fast.viz import (UNMATCHED_COLOUR, UNMATCHED_NAME, colorize, confusion_figure, label_palette,
+                          loss_curve_figure, overlay_figure, prediction_grid_figure, render,
+                          save_confusion_matrix, save_indexed_png, save_loss_curve, save_overlay,
+                          save_prediction_grid)
 
 
 @pytest.mark.parametrize("n", [1, 6, 27, 30, 60])
@@ -74,6 +75,23 @@ def test_prediction_grid_tiles_through_the_assignment(tmp_path):
         assert (pixels == colour).all(-1).any()
 
 
+def test_clusters_matched_to_no_class_are_white_and_named(tmp_path):
+    # the strict over-clustering rule maps clusters 4 and 5 to no class (-1)
+    images, targets, preds = make_batch()
+    preds = preds.clone()
+    preds[:, -4:] = 4
+    preds[0, -2:] = 5
+    names = ["sky", "grass", "road", "car"]
+    fig = prediction_grid_figure(images, targets, preds, class_names=names, assignment=[3, 0, 1, 2, -1, -1])
+    for i in range(3):
+        pred = panel(fig, i, 2)
+        assert (pred[-4:] == UNMATCHED_COLOUR).all()  # not the last class's colour
+        assert not (pred[1:-4] == UNMATCHED_COLOUR).all(-1).any()
+        assert np.array_equal(pred[1:-4], panel(fig, i, 1)[1:-4])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == names + ["ignored", UNMATCHED_NAME]
+
+
 def test_prediction_grid_shows_rgb_of_four_band_and_gray_images(tmp_path):
     images, targets, preds = make_batch(b=2, h=20, w=28, channels=4)
     fig = prediction_grid_figure(images, targets, preds)
@@ -106,6 +124,7 @@ def test_loss_curve_counts_epochs_from_one(tmp_path):
     assert list(loss_ax.lines[0].get_xdata()) == [1, 2, 3, 4, 5, 6]
     assert list(loss_ax.lines[0].get_ydata()) == history["loss"]
     assert list(acc_ax.lines[0].get_xdata()) == [2, 4, 6]
+    assert acc_ax.get_xlim() == loss_ax.get_xlim()  # the charts line up
     render(fig)  # ticks are placed when drawn
     ticks = [t for t in loss_ax.get_xticks() if loss_ax.get_xlim()[0] <= t <= loss_ax.get_xlim()[1]]
     assert all(float(t).is_integer() for t in ticks) and min(ticks) >= 1
@@ -146,6 +165,17 @@ def test_confusion_matrix_is_row_normalised_by_ground_truth(tmp_path):
     assert pixels.shape[2] == 3 and (tmp_path / "confusion.png").exists()
     with pytest.raises(ValueError, match=r"\(2, 2\)"):
         confusion_figure(matched, ["a", "b"])
+
+
+def test_confusion_matrix_counts_unmatched_pixels_in_a_last_column():
+    # strict over-clustering: per ground-truth class, pixels of clusters matched to no class
+    matched = np.array([[6, 1], [2, 3]])
+    fig = confusion_figure(matched, ["sky", "grass"], unmatched=[2, 4])
+    shown = fig.axes[0].images[0].get_array()
+    assert shown.shape == (2, 3)
+    assert np.allclose(shown[0], [0.6, 0.2, 0.2]) and np.allclose(shown[1], [0.125, 0.375, 0.5])
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["sky", "grass", UNMATCHED_NAME]
+    assert confusion_figure(matched, ["sky", "grass"], unmatched=[0, 0]).axes[0].images[0].get_array().shape == (2, 2)
 
 
 def test_overlay_blends_and_names_what_is_present(tmp_path):

@@ -6,14 +6,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from san_fast.distributed import differentiable_all_reduce
+
 
 def global_batch_mean(g: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch, and over all ranks under DDP: the paper's batch-wise descriptor."""
+    """Mean over the batch, and over all ranks under DDP: the paper's batch-wise descriptor.
+    (differentiable_all_reduce also traces under torch.compile and stays quiet on every DDP step.)"""
     g = g.mean(dim=0)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from torch.distributed.nn.functional import all_reduce
-
-        g = all_reduce(g) / dist.get_world_size()
+        g = differentiable_all_reduce(g) / dist.get_world_size()
     return g
 
 

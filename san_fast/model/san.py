@@ -4,6 +4,7 @@ consistency sustainer, with the paper's Table 4 and 5 ablations as switches of o
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -39,8 +40,22 @@ class SAN(nn.Module):
         self.momentum = 0.1
         self.seat_impl = cfg.seat_impl
 
-    def set_attention_backend(self, name: str, device: torch.device) -> str:
-        backend = resolve_backend(name, device)
+    def attention_shape(self, batch: int, image_size: Optional[int] = None) -> tuple[int, int, int, int]:
+        """(batch, tokens, heads, head dim) of the ViT's attention on square images of
+        `image_size` (default: the training crops)."""
+        side = (image_size or self.cfg.crop_size) // self.cfg.patch_size
+        heads = self.cfg.vit_num_heads()
+        return batch, side * side, heads, self.cfg.vit_width() // heads
+
+    def set_attention_backend(self, name: str, device: torch.device, batch: Optional[int] = None,
+                              dtype: Optional[torch.dtype] = None, image_size: Optional[int] = None) -> str:
+        """Resolve `name` for the attention this model will run: per-device `batch` (default the
+        configured batch), AMP `dtype` (None: fp32) and images of `image_size`; `auto` times the
+        backends at that shape. A CNN generator has no attention: "none"."""
+        if self.cfg.generator != "vit":
+            return "none"
+        shape = self.attention_shape(batch or self.cfg.batch_size, image_size)
+        backend = resolve_backend(name, device, shape, dtype or torch.float32)
         self.backbone.set_attention_backend(backend)
         return backend
 
