@@ -23,9 +23,11 @@ is a kernel reading its inputs and writing its outputs once, with these fusion a
   gradients cast back; GradScaler (fp16) reads and writes every gradient once more.
 - Adam: what the project builds (san_fast.train_step.build_optimizer; --adam overrides):
   fused, one kernel (about 28 bytes per parameter), or foreach (about 72: seven passes).
-- --bn-folded: BatchNorm's affine applied inside the SEAT kernels (Q never written), its
-  backward sums taken in the SEAT kernel's epilogue: the normalisation pass and the backward's
-  reduction pass over Q go.
+- --bn-folded (default: as --fold-bn decides, i.e. wherever the fused SEAT op runs):
+  BatchNorm's affine applied inside the SEAT kernels (Q never written), its backward sums
+  taken from the SEAT kernels' small outputs (kernels/seat_bn_fold.py): the normalisation pass
+  and the backward's reduction pass over Q go; the statistics pass and the backward's
+  elementwise pass stay.
 - channels-last changes the layout, not the bytes: it is not in the floor.
 A kernel's floor is max(FLOPs / matmul rate, bytes / copy bandwidth) with the rates of
 san_fast.gpu_specs; the step's floor is their sum (no overlap between kernels).
@@ -69,7 +71,11 @@ def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Opti
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     # san_fast.ops.resolve_impl: the kernel on sm80+ (the GPUs with bf16 here) for `auto`.
     seat_fused = cfg.reconstruction and (cfg.seat_impl == "triton" or (cfg.seat_impl == "auto" and spec.bf16))
-    folded = bool(getattr(cfg, "fold_bn", False)) if bn_folded is None else bn_folded
+    if bn_folded is None:  # as SAN.folds_bn decides: auto folds wherever the Triton op runs
+        fold = getattr(cfg, "fold_bn", "off")
+        folded = fold == "on" or (fold == "auto" and seat_fused)
+    else:
+        folded = bn_folded
     if folded and not seat_fused:
         raise ValueError("--bn-folded applies BatchNorm inside the fused SEAT kernels: it needs the "
                          "fused op (--seat-impl triton or auto on sm80+, with reconstruction)")
@@ -92,12 +98,13 @@ def project_adam(cfg: Config) -> str:
     return "fused" if opt.defaults.get("fused") else "foreach"
 
 
-def seat_traffic_cost(gpu: str):
-    """The fused loss's bytes and FLOPs from the kernels' traffic model."""
+def seat_traffic_cost(gpu: str, folded: bool = False):
+    """The fused loss's bytes and FLOPs from the kernels' traffic model (BatchNorm-folded: with
+    the fold's operand ops and logit bias)."""
     from san_fast.kernels import traffic
 
     def cost(b, m, p, n, c, dtype):
-        t = traffic.op_traffic("fused_loss", b, m, p, n, c, dtype, gpu=gpu)
+        t = traffic.op_traffic("fused_loss", b, m, p, n, c, dtype, gpu=gpu, folded=folded)
         return {"bytes": int(t.total_bytes), "flops": int(t.flops), "dtype": dtype}
 
     return cost
@@ -148,6 +155,8 @@ def _optimizer(model, cfg: Config, settings: Settings):
 def trace_step(cfg: Config, settings: Settings) -> Trace:
     """Forward, backward and optimizer step of one batch on fake tensors."""
     call = SeatCall()
+    # Traced unfused: step_cost.expand folds BatchNorm into the SEAT op by settings.bn_folded.
+    cfg = dataclasses.replace(cfg, fold_bn="off")
     meta_model = _meta_model(cfg)
     with fake_mode():
         model, x = _model_and_input(cfg, settings, meta_model)
@@ -159,8 +168,8 @@ def trace_step(cfg: Config, settings: Settings) -> Trace:
         optimizer.zero_grad(set_to_none=True)
         tracer = StepTracer({id(m): n for n, m in model.named_modules()},
                             {p.untyped_storage()._cdata for p in params})
-        seat = seat_region(tracer, settings.seat_fused, seat_traffic_cost(settings.gpu) if settings.seat_fused
-                           else None, call)
+        seat = seat_region(tracer, settings.seat_fused,
+                           seat_traffic_cost(settings.gpu, settings.bn_folded) if settings.seat_fused else None, call)
         autocast = torch.autocast("cpu", dtype=settings.amp, enabled=settings.amp is not None)
         with FlopCounterMode(display=False) as counter, tracer, seat:
             with autocast:
@@ -230,7 +239,8 @@ def model_parser() -> argparse.ArgumentParser:
     p.add_argument("--adam", choices=("fused", "foreach"), default=None,
                    help="Adam implementation (default: what san_fast.train_step.build_optimizer builds)")
     p.add_argument("--bn-folded", action=argparse.BooleanOptionalAction, default=None,
-                   help="BatchNorm of Q applied inside the SEAT kernels (default: config field fold_bn, else off)")
+                   help="BatchNorm of Q applied inside the SEAT kernels (default: as --fold-bn decides, "
+                        "auto: wherever the fused SEAT op runs)")
     p.add_argument("--monitor-grad", choices=("auto", "on", "off"), default="auto",
                    help="a zero gradient for Q returned attached from SAN.losses (auto: when compiled and attached)")
     p.add_argument("--copy-gbps", type=float, default=None,

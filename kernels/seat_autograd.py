@@ -6,6 +6,15 @@ alike):
     seat_forward(q, gamma, weight, bias, save_attn) -> (rec_q, rec_t, attn)   (differentiable)
     seat_backward(q, gamma, weight, attn, grad_rec_q, grad_rec_t) -> (dq, dgamma, dweight)
     seat_labels(q, gamma) -> labels
+    seat_forward_folded(q, gamma, weight, values, bias, logit_bias, save_attn) -> (rec_q, rec_t, attn)
+    seat_backward_folded(q, gamma, weight, values, logit_bias, attn, grad_rec_q, grad_rec_t)
+        -> (dq, dgamma, dweight, dvalues, dlogit_bias)
+    seat_labels_folded(q, gamma, logit_bias) -> labels
+
+The "folded" ops take V (B,N,C) explicitly and a logit bias lb (B,N) (logits tau (q Gamma^T +
+lb)) and return the gradients of both, leaving the chain rule to autograd: the BatchNorm fold
+(kernels/seat_bn_fold.py) builds its operands from Gamma, W and BN's scale and shift with small
+differentiable torch ops.
 
 They are opaque on purpose, not torch.library.triton_op: inductor then neither traces the
 kernels nor works out which arguments they mutate. On the lent GPU's stack (torch 2.11 +
@@ -46,7 +55,7 @@ def seat_forward_op(
 
 
 @seat_forward_op.register_fake
-def _(q, gamma, weight, bias, save_attn):
+def _forward_fake(q, gamma, weight, bias, save_attn):
     bsz, m, _ = q.shape
     c, n = weight.shape[0], gamma.shape[1]
     attn = q.new_empty((bsz, m, n) if save_attn else (0,))
@@ -58,7 +67,7 @@ def seat_backward_op(
     q: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, attn: torch.Tensor,
     grad_rec_q: torch.Tensor, grad_rec_t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, d_gamma, d_weight, _, s, _, _ = launch_grad(
+    dq, d_gamma, d_weight, _, s, _, _, _ = launch_grad(
         MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad_rec_q, grad_rec_t=grad_rec_t,
     )
     d_gamma, d_weight = combine_through_values(d_gamma, d_weight, s, gamma, weight)
@@ -81,6 +90,63 @@ def _(q, gamma):
     return q.new_empty(q.shape[:2], dtype=torch.int64)
 
 
+@torch.library.custom_op("san_fast::seat_forward_folded", mutates_args=())
+def seat_forward_folded_op(
+    q: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, bias: Optional[torch.Tensor],
+    logit_bias: torch.Tensor, save_attn: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_forward(q, gamma, weight, bias, save_attn=save_attn, values=values, logit_bias=logit_bias)
+
+
+@seat_forward_folded_op.register_fake
+def _(q, gamma, weight, values, bias, logit_bias, save_attn):
+    return _forward_fake(q, gamma, weight, bias, save_attn)
+
+
+@torch.library.custom_op("san_fast::seat_backward_folded", mutates_args=())
+def seat_backward_folded_op(
+    q: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, logit_bias: torch.Tensor,
+    attn: torch.Tensor, grad_rec_q: torch.Tensor, grad_rec_t: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, d_gamma, d_weight, _, s, _, _, d_lb = launch_grad(
+        MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad_rec_q, grad_rec_t=grad_rec_t,
+        values=values, logit_bias=logit_bias,
+    )
+    # Views of one workspace: custom-op outputs may not alias each other.
+    return dq, d_gamma.contiguous(), d_weight, s.contiguous(), d_lb.contiguous()
+
+
+@seat_backward_folded_op.register_fake
+def _(q, gamma, weight, values, logit_bias, attn, grad_rec_q, grad_rec_t):
+    acc = loss_dtype(q)
+    return (torch.empty_like(q), gamma.new_empty(gamma.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc),
+            values.new_empty(values.shape, dtype=acc), logit_bias.new_empty(logit_bias.shape, dtype=acc))
+
+
+@torch.library.custom_op("san_fast::seat_labels_folded", mutates_args=())
+def seat_labels_folded_op(q: torch.Tensor, gamma: torch.Tensor, logit_bias: torch.Tensor) -> torch.Tensor:
+    return launch_labels(q, gamma, logit_bias=logit_bias)
+
+
+@seat_labels_folded_op.register_fake
+def _(q, gamma, logit_bias):
+    return q.new_empty(q.shape[:2], dtype=torch.int64)
+
+
+def _bias_grad(ctx, grad_rec_q, grad_rec_t, acc, index):
+    if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
+        return None
+    return (grad_rec_q.to(acc) + grad_rec_t.to(acc)).sum((0, 1)).to(ctx.bias_dtype)
+
+
+def _rec_grads(ctx, q, c, grad_rec_q, grad_rec_t):
+    if not ctx.save_attn:
+        raise RuntimeError("seat_forward ran with save_attn=False, so it kept nothing to differentiate with; "
+                           "call it with save_attn=True (san_fast.ops.seat_reconstruct does) to backpropagate")
+    shape = (q.shape[0], q.shape[1], c)
+    return _zeros_if_none(grad_rec_q, shape, q), _zeros_if_none(grad_rec_t, shape, q)
+
+
 class SeatReconstructFunction(torch.autograd.Function):
     """(q rows, gamma, W, bias, save_attn) -> (rec_q, rec_t, attn); attn is saved for the backward."""
 
@@ -98,25 +164,48 @@ class SeatReconstructFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rec_q, grad_rec_t, _grad_attn):
-        if not ctx.save_attn:
-            raise RuntimeError("seat_forward ran with save_attn=False, so it kept nothing to differentiate with; "
-                               "call it with save_attn=True (san_fast.ops.seat_reconstruct does) to backpropagate")
         q, gamma, weight, attn = ctx.saved_tensors
-        shape = (q.shape[0], q.shape[1], weight.shape[0])
-        grad_rec_q = _zeros_if_none(grad_rec_q, shape, q)
-        grad_rec_t = _zeros_if_none(grad_rec_t, shape, q)
+        grad_rec_q, grad_rec_t = _rec_grads(ctx, q, weight.shape[0], grad_rec_q, grad_rec_t)
         dq, d_gamma, d_weight = torch.ops.san_fast.seat_backward(q, gamma, weight, attn, grad_rec_q, grad_rec_t)
-        d_bias = None
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-            d_bias = (grad_rec_q.to(d_gamma.dtype) + grad_rec_t.to(d_gamma.dtype)).sum((0, 1)).to(ctx.bias_dtype)
+        d_bias = _bias_grad(ctx, grad_rec_q, grad_rec_t, d_gamma.dtype, 3)
         return dq, d_gamma.to(gamma.dtype), d_weight.to(weight.dtype), d_bias, None
 
 
-class SeatFusedLossFunction(torch.autograd.Function):
-    """(q rows, gamma, W, bias, x rows, target_rec_q, h_rec, h_con) -> (L_rec, L_con, saved...).
+class SeatFoldedFunction(torch.autograd.Function):
+    """(q rows, gamma, W, V, bias, logit bias, save_attn) -> (rec_q, rec_t, attn) with
+    rec_q = q W^T + bias, rec_t = softmax(tau (q gamma^T + lb)) V + bias; every input
+    differentiable (V and lb included), the attention saved for the backward."""
 
-    Eager only (san_fast.ops routes torch.compile to SeatReconstructFunction). Only the first
-    two outputs are losses; the rest are the precomputed gradients the backward scales.
+    @staticmethod
+    def forward(q, gamma, weight, values, bias, logit_bias, save_attn):
+        return torch.ops.san_fast.seat_forward_folded(q, gamma, weight, values, bias, logit_bias, save_attn)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, gamma, weight, values, bias, logit_bias, save_attn = inputs
+        ctx.save_for_backward(q, gamma, weight, values, logit_bias, output[2])
+        ctx.save_attn = save_attn
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(output[2])
+
+    @staticmethod
+    def backward(ctx, grad_rec_q, grad_rec_t, _grad_attn):
+        q, gamma, weight, values, logit_bias, attn = ctx.saved_tensors
+        grad_rec_q, grad_rec_t = _rec_grads(ctx, q, weight.shape[0], grad_rec_q, grad_rec_t)
+        dq, d_gamma, d_weight, d_values, d_lb = torch.ops.san_fast.seat_backward_folded(
+            q, gamma, weight, values, logit_bias, attn, grad_rec_q, grad_rec_t)
+        d_bias = _bias_grad(ctx, grad_rec_q, grad_rec_t, d_gamma.dtype, 4)
+        return (dq, d_gamma.to(gamma.dtype), d_weight.to(weight.dtype), d_values.to(values.dtype), d_bias,
+                d_lb.to(logit_bias.dtype), None)
+
+
+class SeatFusedLossFunction(torch.autograd.Function):
+    """(q rows, gamma, W, bias, x rows, target_rec_q, h_rec, h_con[, V, lb]) -> (L_rec, L_con, saved...).
+
+    With V (B,N,C) and lb (B,N) given (the BatchNorm fold) the op is SeatFoldedFunction's
+    followed by the losses, and V and lb get their own gradients. Eager only (san_fast.ops
+    routes torch.compile to the two-pass Functions). Only the first two outputs are losses; the
+    rest are the precomputed gradients the backward scales.
 
     The first backward through the graph scales dq_pre in place and returns it: no second
     dQ-sized buffer, no host sync. dq_pre is then gone, so a later backward through the same
@@ -124,19 +213,20 @@ class SeatFusedLossFunction(torch.autograd.Function):
     the two-pass kernels (one more forward and backward over Q); the host counts the calls."""
 
     @staticmethod
-    def forward(q, gamma, weight, bias, x, target_rec_q, h_rec, h_con):
-        rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u = seat_fused_loss(
-            q, gamma, weight, bias, x, target_rec_q, h_rec, h_con
+    def forward(q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=None, logit_bias=None):
+        rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u, d_values, d_lb = seat_fused_loss(
+            q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=values, logit_bias=logit_bias,
         )
         l_rec, l_con = losses(rec_q, rec_t, x, target_rec_q, rec_q.dtype)
-        return l_rec, l_con, rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u
+        return l_rec, l_con, rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u, d_values, d_lb
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, gamma, weight, bias, x, target_rec_q, h_rec, h_con = inputs
-        _, _, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u = output
-        ctx.save_for_backward(q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u)
-        ctx.mark_non_differentiable(*output[2:])
+        q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values, logit_bias = (*inputs, None, None)[:10]
+        _, _, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u, d_values_pre, d_lb_pre = output
+        ctx.save_for_backward(q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u,
+                              values, logit_bias, d_values_pre, d_lb_pre)
+        ctx.mark_non_differentiable(*[t for t in output[2:] if t is not None])
         ctx.target_rec_q = target_rec_q
         ctx.h_rec, ctx.h_con = h_rec, h_con
         ctx.dtypes = (gamma.dtype, weight.dtype, None if bias is None else bias.dtype, x.dtype)
@@ -144,7 +234,8 @@ class SeatFusedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rec, grad_con, *_unused):
-        q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u = ctx.saved_tensors
+        (q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u,
+         values, logit_bias, d_values_pre, d_lb_pre) = ctx.saved_tensors
         gamma_dtype, weight_dtype, bias_dtype, x_dtype = ctx.dtypes
         ctx.backward_calls += 1
         acc = rec_q.dtype
@@ -166,9 +257,7 @@ class SeatFusedLossFunction(torch.autograd.Function):
         elif needs[0]:
             grad_rec_t = grad_con * w_res
             grad_rec_q = grad_rec * u - (grad_rec_t if ctx.target_rec_q else 0.0)
-            _, _, attn = torch.ops.san_fast.seat_forward(q, gamma, weight, None, True)
-            dq, _, _ = torch.ops.san_fast.seat_backward(q, gamma, weight, attn, grad_rec_q.to(q.dtype),
-                                                         grad_rec_t.to(q.dtype))
+            dq = _exact_dq(q, gamma, weight, values, logit_bias, grad_rec_q.to(q.dtype), grad_rec_t.to(q.dtype))
         if needs[1]:
             d_gamma = (a * d_gamma_pre).to(gamma_dtype)
         if needs[2]:
@@ -183,7 +272,19 @@ class SeatFusedLossFunction(torch.autograd.Function):
             if not ctx.target_rec_q:
                 dx = dx - grad_con * w_res
             dx = dx.to(x_dtype)
-        return dq, d_gamma, d_weight, d_bias, dx, None, None, None
+        d_values = (a * d_values_pre).to(values.dtype) if values is not None and needs[8] else None
+        d_lb = (a * d_lb_pre).to(logit_bias.dtype) if logit_bias is not None and needs[9] else None
+        return dq, d_gamma, d_weight, d_bias, dx, None, None, None, d_values, d_lb
+
+
+def _exact_dq(q, gamma, weight, values, logit_bias, grad_rec_q, grad_rec_t) -> torch.Tensor:
+    """dq by the two-pass kernels (forward saving the attention, then the backward)."""
+    if values is None:
+        _, _, attn = torch.ops.san_fast.seat_forward(q, gamma, weight, None, True)
+        return torch.ops.san_fast.seat_backward(q, gamma, weight, attn, grad_rec_q, grad_rec_t)[0]
+    _, _, attn = torch.ops.san_fast.seat_forward_folded(q, gamma, weight, values, None, logit_bias, True)
+    return torch.ops.san_fast.seat_backward_folded(q, gamma, weight, values, logit_bias, attn, grad_rec_q,
+                                                   grad_rec_t)[0]
 
 
 # The forward op is differentiable on its own too (e.g. for torch.export users), with the same

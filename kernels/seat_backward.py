@@ -33,9 +33,11 @@ from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, 
 
 @triton.jit
 def fused_loss_rows(
-    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan, chan_ok,
+    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan,
+    chan_ok,
     low, store_rec, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp, stride_xm, stride_xc,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """The forward of one row block and the gradients of the two MSE losses at rec_q, rec_t
@@ -47,8 +49,8 @@ def fused_loss_rows(
     # Default eviction: the K CTAs of this run read the same rows now, and this CTA reads its
     # range again in step 2 (traffic.py's L2 rule).
     logits, rec_q = logits_and_rec_q(
-        q_img, rows, gamma_ptr, b * N + ns, w_ptr, rows_ok, n_ok, chan, chan_ok, P, tau, stride_qm, stride_qp,
-        True, "", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+        q_img, rows, gamma_ptr, b * N + ns, w_ptr, lb_ptr, rows_ok, n_ok, chan, chan_ok, P, tau, stride_qm, stride_qp,
+        LOGIT_BIAS, True, "", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
     )
     row_max = tl.max(logits, axis=1)
     e = tl.exp(logits - row_max[:, None])
@@ -107,21 +109,24 @@ def saved_rows(attn_img, ga_img, gt_img, rows, rows_ok, ns, n_ok, cs, c_ok, N, s
 
 @triton.jit
 def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok, cs, c_ok, w_rows, chan_ok,
-                   with_s, N, P, C, W_ROWS: tl.constexpr):
+                   with_s, N, P, C, W_ROWS: tl.constexpr, LOGIT_BIAS: tl.constexpr):
     """A run's partial sums for one image into its slot: dGamma (N x P), dW rows, and S (N x C,
-    range 0 only). Offsets are 64-bit from the slot: built here, they live only while storing."""
+    range 0 only), then with LOGIT_BIAS the logit bias's gradient (N, column C of acc_s). Offsets are 64-bit from the slot: built here, they live only while storing."""
     tl.store(slot_ptr + p_lo + ns[None, :] * P + p2[:, None], acc_g * grad_scale, mask=n_ok[None, :] & p2_ok[:, None])
     tl.store(slot_ptr + p_lo + w_rows[None, :] + p2[:, None], acc_w * grad_scale, mask=chan_ok[None, :] & p2_ok[:, None])
     if with_s:
         tl.store(slot_ptr + (N + W_ROWS * C) * P + ns[:, None] * C + cs[None, :], acc_s * grad_scale,
                  mask=n_ok[:, None] & c_ok[None, :])
+        if LOGIT_BIAS:  # column C of acc_s, after S
+            tl.store(slot_ptr + (N + W_ROWS * C) * P + N * C + ns[:, None] + cs[None, :] * 0, acc_s * grad_scale,
+                     mask=n_ok[:, None] & (cs == C)[None, :])
 
 
 # Batch-dependent integers are not specialized on (divisibility by 16, == 1): nothing in the
 # kernel vectorizes on them, and each value would otherwise compile its own variant.
 @triton.jit(do_not_specialize=["B", "T_J", "SLOT_LEN"])
 def seat_grad_kernel(
-    q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr,
+    q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr, lb_ptr,
     attn_ptr, ga_ptr, gt_ptr,
     dq_ptr, rq_ptr, rt_ptr, ws_ptr,
     B, M, N, P, C, P_RANGE, T_J, SLOT_LEN, tau, grad_scale, h_rec, h_con,
@@ -129,12 +134,14 @@ def seat_grad_kernel(
     stride_dqb, stride_dqm, stride_dqp,
     stride_ab, stride_am, stride_ac,
     stride_tb, stride_tm, stride_tc,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr,
 ):
     """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
-    gt_ptr: grad of rec_t (MODE_GRADS only)."""
+    gt_ptr: grad of rec_t (MODE_GRADS only). With LOGIT_BIAS the logits carry lb (B,N) and the
+    range-0 CTAs also sum dl over rows (its gradient) into column C of acc_s, free since C <= 8."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
@@ -184,13 +191,17 @@ def seat_grad_kernel(
             )
         else:
             attn, gt, gu = fused_loss_rows(
-                q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, ga_ptr + b * stride_ab, rq_ptr, rt_ptr, b, rows, rows_ok,
+                q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, ga_ptr + b * stride_ab, rq_ptr, rt_ptr, b, rows,
+                rows_ok,
                 ns, n_ok, cs, chan, chan_ok, low, j == 0, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp,
-                stride_am, stride_ac, MODE, HAS_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+                stride_am, stride_ac, MODE, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
+                BLOCK_P,
             )
         da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j == 0, ACC, BLOCK_M, BLOCK_N)
         dl = attn * (da - tl.sum(attn * da, axis=1)[:, None])
         dl = tl.where(rows_ok[:, None] & n_ok[None, :], dl * tau, 0.0)
+        if LOGIT_BIAS:
+            acc_s += tl.where((cs[None, :] == C) & (j == 0), tl.sum(dl, axis=0)[:, None], 0.0)
         dl_lp = dl.to(q_dtype)
         gu_lp = gu.to(q_dtype)
 
@@ -216,7 +227,7 @@ def seat_grad_kernel(
 
         if (rb == n_rb - 1) | (it == end - 1):
             store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok,
-                           cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS)
+                           cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS)
             acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
             acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
             acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
@@ -272,13 +283,17 @@ def launch_grad(
     config=None,
     dq: Optional[torch.Tensor] = None,
     workspace_fill: Optional[float] = None,
+    values: Optional[torch.Tensor] = None,
+    logit_bias: Optional[torch.Tensor] = None,
 ):
     """Run the gradient kernel and the slot reduction; returns dq, dGamma_direct (B,N,P),
-    dW_direct (C,P), dW_u (C,P; fused modes, else None), S (B,N,C) and, in the fused modes,
-    rec_q and rec_t (B,M,C) in the accumulation dtype (else None).
+    dW_direct (C,P), dW_u (C,P; fused modes, else None), S (B,N,C), in the fused modes rec_q and
+    rec_t (B,M,C) in the accumulation dtype (else None), and d_logit_bias (B,N) (None without
+    `logit_bias`).
 
     dGamma_direct = sum_i tau dl_i^T q_i, dW_direct = sum gq^T q, dW_u = sum u^T q,
-    S = sum_i a_i^T gt_i. `plan` (seat_plan.grad_plan) fixes the grid and tiles, `config` one
+    S = sum_i a_i^T gt_i, d_logit_bias = sum_i tau dl_i. `values` (B,N,C) replaces V = Gamma W^T
+    and `logit_bias` (B,N) enters the logits as tau (q Gamma^T + lb) (the BatchNorm fold). `plan` (seat_plan.grad_plan) fixes the grid and tiles, `config` one
     autotune candidate; `dq` and `workspace_fill` (e.g. NaN) let tests check that every element
     of the outputs and of the used workspace is written.
     """
@@ -303,7 +318,10 @@ def launch_grad(
     if plan is None:
         plan = seat_plan.grad_plan(mode, bsz, m, p, n, c, q.dtype, seat_plan.device_spec(q.device))
     _check_plan(plan, mode, shape)
-    values = values_matrix(gamma, weight, acc)
+    if values is None:
+        values = values_matrix(gamma, weight, acc)
+    values = common.check_small("values", values, (bsz, n, c), q, acc)
+    logit_bias = common.check_small("logit_bias", logit_bias, (bsz, n), q, acc)
     if dq is None:
         dq = torch.empty_like(q)
 
@@ -321,7 +339,7 @@ def launch_grad(
     with common.device_guard(q):
         launch(kernel)[plan.grid](
             q, gamma_op, common.as_operand(weight, q.dtype), values,
-            bias if bias is not None else values,
+            bias if bias is not None else values, logit_bias if logit_bias is not None else values,
             attn if attn is not None else values, row_a, row_t,
             dq, rec_q, rec_t, ws,
             bsz, m, n, p, c, plan.p_range, plan.ctas_per_range, plan.slot_len, 1.0 / p ** 0.5,
@@ -330,7 +348,7 @@ def launch_grad(
             dq.stride(0), dq.stride(1), dq.stride(2),
             row_a.stride(0), row_a.stride(1), row_a.stride(2),
             row_t.stride(0), row_t.stride(1), row_t.stride(2),
-            MODE=mode, HAS_BIAS=bias is not None, PRECISION=common.dot_precision(q),
+            MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
             BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, **meta,
         )
@@ -339,8 +357,10 @@ def launch_grad(
     d_gamma = sums[:, :n_p].view(bsz, n, p)
     d_w = sums[:, n_p:n_p + c_p].view(bsz, c, p).sum(0)
     d_wu = sums[:, n_p + c_p:n_p + 2 * c_p].view(bsz, c, p).sum(0) if fused else None
-    s = sums[:, (n + plan.w_rows * c) * p:].view(bsz, n, c)
-    return dq, d_gamma, d_w, d_wu, s, (rec_q if fused else None), (rec_t if fused else None)
+    s_at = (n + plan.w_rows * c) * p
+    s = sums[:, s_at:s_at + n * c].view(bsz, n, c)
+    d_lb = sums[:, s_at + n * c:].view(bsz, n) if logit_bias is not None else None
+    return dq, d_gamma, d_w, d_wu, s, (rec_q if fused else None), (rec_t if fused else None), d_lb
 
 
 def reduce_slots(ws: torch.Tensor, plan: seat_plan.GradPlan, launch: Callable = common.identity_launch) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -108,6 +109,19 @@ def check_rows(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def check_small(name: str, t: Optional[torch.Tensor], shape: tuple, q: torch.Tensor, dtype: torch.dtype):
+    """An optional small per-image input (the fold's values (B,N,C), logit bias (B,N)): None
+    passes; else checked against `shape` and q's device, returned contiguous in `dtype`."""
+    if t is None:
+        return None
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        return t.to(dtype).contiguous()
 
 
 def as_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -3,7 +3,9 @@
 One program per BLOCK_M rows of one image, grid (cdiv(M, BLOCK_M), B). Each Q tile is loaded
 once and feeds both tl.dot's: the logits q Gamma^T (N padded to BLOCK_N >= 16) and
 rec_q = q W^T (C padded to BLOCK_C = 16). rec_t = softmax(logits) V + bias with V = Gamma W^T
-(N x C, precomputed per image), so Theta and the logits never reach memory. With SAVE_ATTN the
+(N x C, precomputed per image), so Theta and the logits never reach memory. With LOGIT_BIAS the
+logits are tau (q Gamma^T + lb) with a per-(image, semantic) bias lb (B,N): what a BatchNorm
+folded into the op adds (kernels/seat_bn_fold.py). With SAVE_ATTN the
 softmax (B,M,N) is written in q's dtype for the backward (N/P of Q's bytes), which then needs
 no second pass over Q for the logits.
 """
@@ -43,11 +45,13 @@ def tile_offsets(rows, cols, stride_r, stride_c, OFFS64: tl.constexpr):
 
 @triton.jit
 def logits_and_rec_q(
-    q_img, rows, gamma_ptr, g_rows, w_ptr, rows_ok, n_ok, cs, c_ok, P, tau, stride_qm, stride_qp,
-    WITH_REC_Q: tl.constexpr, EVICT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+    q_img, rows, gamma_ptr, g_rows, w_ptr, lb_ptr, rows_ok, n_ok, cs, c_ok, P, tau, stride_qm, stride_qp,
+    LOGIT_BIAS: tl.constexpr, WITH_REC_Q: tl.constexpr, EVICT: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """One pass over P: tau q Gamma^T (padded columns at -inf) and q W^T, both in ACC.
+    """One pass over P: tau (q Gamma^T + lb) (padded columns at -inf; lb, fp32 (B*N,) rows
+    `g_rows`, only with LOGIT_BIAS) and q W^T, both in ACC.
 
     q_img points at the image's Q (rows `rows`), gamma_ptr at Gamma (rows `g_rows` of (B*N, P))
     and w_ptr at W (C,P), both contiguous in q's dtype. Column j of rec_q is channel cs[j]
@@ -69,18 +73,20 @@ def logits_and_rec_q(
         if WITH_REC_Q:
             w = tl.load(w_ptr + p0 + w_offs, mask=p_ok[:, None] & c_ok[None, :], other=0.0)
             rec_q = mm(q, w, rec_q, PRECISION)
+    if LOGIT_BIAS:
+        logits += tl.load(lb_ptr + g_rows, mask=n_ok, other=0.0).to(ACC)[None, :]
     logits = tl.where(n_ok[None, :], logits * tau, float("-inf"))
     return logits, rec_q
 
 
 @triton.jit
 def seat_forward_kernel(
-    q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr,
+    q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr, lb_ptr,
     rq_ptr, rt_ptr, attn_ptr, labels_ptr,
     M, N, P, C, tau,
     stride_qb, stride_qm, stride_qp,
-    HAS_BIAS: tl.constexpr, LABELS: tl.constexpr, SAVE_ATTN: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, OFFS64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, LABELS: tl.constexpr, SAVE_ATTN: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -95,8 +101,9 @@ def seat_forward_kernel(
 
     # Q is read once here: evict_first keeps it from pushing reusable lines out of L2.
     logits, rec_q = logits_and_rec_q(
-        q_ptr + b * stride_qb, rows, gamma_ptr, b * N + ns, w_ptr, rows_ok, n_ok, cs, c_ok, P, tau,
-        stride_qm, stride_qp, not LABELS, "evict_first", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+        q_ptr + b * stride_qb, rows, gamma_ptr, b * N + ns, w_ptr, lb_ptr, rows_ok, n_ok, cs, c_ok, P, tau,
+        stride_qm, stride_qp, LOGIT_BIAS, not LABELS, "evict_first", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
+        BLOCK_P,
     )
     ms = tl.arange(0, BLOCK_M)
     if LABELS:
@@ -129,13 +136,13 @@ def values_matrix(gamma: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype)
         return torch.matmul(gamma.to(dtype), weight.to(dtype).t()).contiguous()
 
 
-def _launch(q, gamma, weight, values, bias, outputs, labels: bool, save_attn: bool, launch, config):
+def _launch(q, gamma, weight, values, bias, logit_bias, outputs, labels: bool, save_attn: bool, launch, config):
     """One launch of seat_forward_kernel; `outputs` = (rec_q, rec_t, attn, labels) buffers."""
     bsz, m, p = q.shape
     n = gamma.shape[1]
     bn = common.block_n(n)
     kernel = common.autotuned(seat_forward_kernel, "forward", seat_plan.bucket(bn), seat_plan.forward_configs(bn),
-                              ["N", "P", "C", "LABELS", "SAVE_ATTN"])
+                              ["N", "P", "C", "LABELS", "SAVE_ATTN", "LOGIT_BIAS"])
     kernel, meta = common.with_config(kernel, config)
     gamma_op = common.as_operand(gamma, q.dtype)
     weight_op = q if weight is None else common.as_operand(weight, q.dtype)
@@ -145,10 +152,12 @@ def _launch(q, gamma, weight, values, bias, outputs, labels: bool, save_attn: bo
 
     with common.device_guard(q):
         launch(kernel)[grid](
-            q, gamma_op, weight_op, values, bias if bias is not None else values, *outputs,
+            q, gamma_op, weight_op, values, bias if bias is not None else values,
+            logit_bias if logit_bias is not None else values, *outputs,
             m, n, p, 1 if weight is None else weight.shape[0], 1.0 / p ** 0.5,
             q.stride(0), q.stride(1), q.stride(2),
-            HAS_BIAS=bias is not None, LABELS=labels, SAVE_ATTN=save_attn, PRECISION=common.dot_precision(q),
+            HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, LABELS=labels, SAVE_ATTN=save_attn,
+            PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=common.wide_offsets(q, gamma_op), BLOCK_N=bn,
             BLOCK_C=common.BLOCK_C, **meta,
         )
@@ -163,8 +172,12 @@ def seat_forward(
     launch: Callable = common.identity_launch,
     out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     config=None,
+    values: Optional[torch.Tensor] = None,
+    logit_bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B,M,P) any strides, gamma (B,N,P), weight (C,P), bias (C,) or None.
+    """q (B,M,P) any strides, gamma (B,N,P), weight (C,P), bias (C,) or None; `values` (B,N,C)
+    replaces V = Gamma W^T and `logit_bias` (B,N) is added to q Gamma^T (both optional, fp32;
+    the BatchNorm fold passes them).
 
     Returns rec_q, rec_t (B,M,C) in q's dtype and, with `save_attn`, the attention (B,M,N) in
     q's dtype (else an empty tensor). `launch` wraps the kernel (compile_report.py records the
@@ -172,23 +185,29 @@ def seat_forward(
     instead of the autotuner's pick.
     """
     bsz, m, p, n, c = common.check_launch(q, gamma, weight)
-    values = values_matrix(gamma, weight, common.acc_dtype(q.dtype))
+    acc = common.acc_dtype(q.dtype)
+    if values is None:
+        values = values_matrix(gamma, weight, acc)
+    values = common.check_small("values", values, (bsz, n, c), q, acc)
+    logit_bias = common.check_small("logit_bias", logit_bias, (bsz, n), q, acc)
     if out is None:
         rec_q = torch.empty((bsz, m, c), device=q.device, dtype=q.dtype)
         rec_t = torch.empty((bsz, m, c), device=q.device, dtype=q.dtype)
         attn = torch.empty((bsz, m, n) if save_attn else (0,), device=q.device, dtype=q.dtype)
     else:
         rec_q, rec_t, attn = out
-    _launch(q, gamma, weight, values, bias, (rec_q, rec_t, attn, attn), False, save_attn, launch, config)
+    _launch(q, gamma, weight, values, bias, logit_bias, (rec_q, rec_t, attn, attn), False, save_attn, launch, config)
     return rec_q, rec_t, attn
 
 
 def seat_labels(
     q: torch.Tensor, gamma: torch.Tensor, launch: Callable = common.identity_launch,
-    out: Optional[torch.Tensor] = None, config=None,
+    out: Optional[torch.Tensor] = None, config=None, logit_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Argmax over N of the SEAT logits, (B,M) int64; the softmax is never formed."""
-    bsz, m, _, _, _ = common.check_launch(q, gamma)
+    """Argmax over N of the SEAT logits (plus `logit_bias` (B,N), optional), (B,M) int64; the
+    softmax is never formed."""
+    bsz, m, _, n, _ = common.check_launch(q, gamma)
+    logit_bias = common.check_small("logit_bias", logit_bias, (bsz, n), q, common.acc_dtype(q.dtype))
     labels = torch.empty((bsz, m), device=q.device, dtype=torch.int64) if out is None else out
-    _launch(q, gamma, None, q, None, (labels,) * 4, True, False, launch, config)
+    _launch(q, gamma, None, q, None, logit_bias, (labels,) * 4, True, False, launch, config)
     return labels

@@ -82,16 +82,26 @@ def seat_fused_loss(
     config=None,
     dq: Optional[torch.Tensor] = None,
     workspace_fill: Optional[float] = None,
+    values: Optional[torch.Tensor] = None,
+    logit_bias: Optional[torch.Tensor] = None,
 ):
     """Returns rec_q, rec_t (B,M,C, accumulation dtype), dq_pre (q's dtype and strides),
-    dGamma_pre (B,N,P) = h_con * dGamma, dW_pre (C,P) for the hint, dW_u (C,P) = sum u^T q."""
+    dGamma_pre (B,N,P) = h_con * dGamma, dW_pre (C,P) for the hint, dW_u (C,P) = sum u^T q,
+    dValues_pre, d_logit_bias_pre.
+
+    Without `values` (V = Gamma W^T) the gradient through V is added to dGamma and dW here and
+    dValues_pre is None; given `values` (B,N,C) (the BatchNorm fold), dGamma_pre and dW_pre are
+    the direct terms and dValues_pre (B,N,C) is returned instead. d_logit_bias_pre (B,N) only
+    with `logit_bias`. All "_pre" gradients are for the hint, like dGamma_pre."""
     mode = MODE_LOSS_REC_Q if target_rec_q else MODE_LOSS_IMAGE
-    dq, d_gamma, d_w, d_wu, s, rec_q, rec_t = launch_grad(
+    dq, d_gamma, d_w, d_wu, s, rec_q, rec_t, d_lb = launch_grad(
         mode, q, gamma, weight, bias, x=x, h_rec=h_rec, h_con=h_con, launch=launch, plan=plan, config=config,
-        dq=dq, workspace_fill=workspace_fill,
+        dq=dq, workspace_fill=workspace_fill, values=values, logit_bias=logit_bias,
     )
-    d_gamma, d_w = combine_through_values(d_gamma, d_w, s, gamma, weight)
-    return rec_q, rec_t, dq, d_gamma, d_w, d_wu
+    if values is None:
+        d_gamma, d_w = combine_through_values(d_gamma, d_w, s, gamma, weight)
+        s = None
+    return rec_q, rec_t, dq, d_gamma, d_w, d_wu, s, d_lb
 
 
 def rescale_dq_(

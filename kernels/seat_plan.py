@@ -170,7 +170,8 @@ class GradPlan:
 
     @property
     def slot_len(self) -> int:
-        return (self.N + self.w_rows * self.C) * self.P + self.N * self.C
+        # S (N x C), then N for the logit bias's gradient (the BatchNorm fold's; unused without).
+        return (self.N + self.w_rows * self.C) * self.P + self.N * (self.C + 1)
 
     def run(self, c: int) -> tuple[int, int]:
         """Items [start, end) of CTA run c (the same formula as the kernel)."""

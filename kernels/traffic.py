@@ -125,23 +125,36 @@ def _torch_op(name, by_tensor, spec, dtype, flops=0, note=""):
     return _launch(f"torch: {name}", (), {}, by_tensor, 0, flops, total, spec.sms, spec, dtype, note)
 
 
-def _operand_casts(B, N, P, C, dtype, spec, with_w=True) -> list:
+def _operand_casts(B, N, P, C, dtype, spec, with_w=True, folded=False) -> list:
     """gamma / W (fp32 masters) to q's dtype, and V = Gamma W^T (seat_common.as_operand,
-    seat_forward.values_matrix)."""
+    seat_forward.values_matrix); folded, V comes with the operands (fold_launches)."""
     e, out = _esize(dtype), []
     if dtype != torch.float32:
         out.append(_torch_op("cast gamma to q's dtype", {"gamma, W, V": B * N * P * (4 + e)}, spec, dtype))
-    if with_w:
+    if with_w and not folded:
         out.append(_torch_op("V = gamma W^T", {"gamma, W, V": B * N * P * 4 + C * P * 4 + B * N * C * 4},
                              spec, dtype, flops=2 * B * N * P * C))
     return out
 
 
-def forward_launches(B, M, P, N, C, dtype, spec, *, save_attn=False, labels=False) -> list:
+def fold_launches(B, N, P, C, dtype, spec, backward: bool) -> list:
+    """The BatchNorm fold's small torch ops (kernels/seat_bn_fold.py), fp32: the forward reads
+    gamma for Gamma s, lb = Gamma t and V' = Gamma W^T - W t and writes Gamma s; the backward
+    reads dGamma' and gamma and writes dGamma (dGamma' s + dlb t^T; ds, dt are (P,) sums)."""
+    gnp = B * N * P * 4
+    out = [_torch_op("BN fold: Gamma s, W s, V', lb", {"gamma, W, V": 4 * gnp + 3 * C * P * 4 + B * N * (C + 1) * 4},
+                     spec, dtype, flops=2 * B * N * P * (C + 2))]
+    if backward:
+        out.append(_torch_op("BN fold backward: dGamma, dW, ds, dt", {"parameter grads": 3 * gnp + 4 * C * P * 4},
+                             spec, dtype, flops=6 * B * N * P))
+    return out
+
+
+def forward_launches(B, M, P, N, C, dtype, spec, *, save_attn=False, labels=False, folded=False) -> list:
     e, bn, bc = _esize(dtype), common.block_n(N), common.BLOCK_C
-    out = _operand_casts(B, N, P, C, dtype, spec, with_w=not labels)
+    out = _operand_casts(B, N, P, C, dtype, spec, with_w=not labels, folded=folded)
     configs = seat_plan.forward_configs(bn, interpreter=False)
-    by = {"Q read": B * M * P * e, "gamma, W, V": B * N * P * e}
+    by = {"Q read": B * M * P * e, "gamma, W, V": B * N * P * e + (B * N * 4 if folded else 0)}
     if labels:
         by["per-row in/out"] = B * M * 8
     else:
@@ -182,15 +195,17 @@ def _shared_in_l2(plan: GradPlan, dtype, spec) -> tuple[bool, int]:
     return window <= L2_FRACTION * spec.l2_bytes, window
 
 
-def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec) -> list:
-    """The gradient kernel of `plan`, its slot reduction, and the torch ops that finish dGamma, dW."""
+def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: bool = False) -> list:
+    """The gradient kernel of `plan`, its slot reduction, and the torch ops that finish dGamma, dW
+    (`folded`: with the BatchNorm fold's logit bias and explicit V)."""
     B, M, P, N, C = plan.B, plan.M, plan.P, plan.N, plan.C
     e, acc = _esize(dtype), common.acc_dtype(dtype).itemsize
     bn, bc, k, bm = plan.block_n, common.BLOCK_C, plan.k, plan.block_m
     fused = plan.mode in LOSS_MODES
     shared, window = _shared_in_l2(plan, dtype, spec)
     q_bytes = B * M * P * e
-    by = {"Q read": q_bytes, "dQ write": q_bytes, "gamma, W, V": B * N * P * e + C * P * e + B * N * C * 4}
+    by = {"Q read": q_bytes, "dQ write": q_bytes,
+          "gamma, W, V": B * N * P * e + C * P * e + B * N * C * 4 + (B * N * 4 if folded and fused else 0)}
     if fused:
         by["Q re-read (HBM)"] = 0 if shared else k * q_bytes  # K - 1 other CTAs, plus step 2
         by["per-row in/out"] = B * M * C * e + 2 * B * M * C * acc  # x in, rec_q and rec_t out
@@ -219,7 +234,7 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec) -> list:
               "T": plan.ctas_per_range, "slots used": used, "autotuned over": [common.config_label(c) for c in tunes]}
     note = (f"rows shared through L2 (reuse distance {window / 2**20:.1f} MiB)" if shared else
             f"rows NOT shared through L2 (reuse distance {window / 2**20:.1f} MiB)")
-    out = _operand_casts(B, N, P, C, dtype, spec)  # launch_grad casts gamma, W and builds V itself
+    out = _operand_casts(B, N, P, C, dtype, spec, folded=folded)  # launch_grad casts gamma, W (and builds V)
     out.append(_launch(f"seat_grad_kernel ({'fused loss' if fused else 'from saved attention'})", plan.grid,
                        config, by, pass1 + step2, small, l2, plan.ctas, spec, dtype, note=note))
     sums = B * plan.slot_len * acc
@@ -287,40 +302,44 @@ def _plan(mode, B, M, P, N, C, dtype, spec) -> GradPlan:
 
 def op_traffic(
     op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, gpu: Union[str, GPUSpec] = "H100",
-    *, design: Optional[str] = None, rescale_skipped: bool = True,
+    *, design: Optional[str] = None, rescale_skipped: bool = True, folded: bool = False,
 ) -> OpTraffic:
     """Launches, bytes, FLOPs and modeled time of one op on one GPU (a name in
     san_fast.gpu_specs.GPUS or a GPUSpec). For fused_loss, `design` ("fused" or "two_pass")
     overrides the launcher's choice (seat_plan.loss_design); `rescale_skipped=False` counts the
-    dQ rescale that runs when the upstream gradients differ from the hint."""
+    dQ rescale that runs when the upstream gradients differ from the hint. `folded`: the
+    BatchNorm-folded op (Q is then the conv output y, read the same way; the fold adds its
+    small operand ops and the logit bias)."""
     spec = _spec(gpu)
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: expected one of {OPS}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {dtype}")
-    launches: list = []
+    launches: list = fold_launches(B, N, P, C, dtype, spec, backward=op not in ("forward", "labels")) \
+        if folded else []
     used_design = ""
+    fwd = dict(folded=folded)
     if op == "forward":
-        launches = forward_launches(B, M, P, N, C, dtype, spec)
+        launches += forward_launches(B, M, P, N, C, dtype, spec, **fwd)
     elif op == "labels":
-        launches = forward_launches(B, M, P, N, C, dtype, spec, labels=True)
+        launches += forward_launches(B, M, P, N, C, dtype, spec, labels=True, **fwd)
     elif op == "backward":
-        launches = grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec)
+        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded)
     elif op == "forward_backward":
-        launches = forward_launches(B, M, P, N, C, dtype, spec, save_attn=True)
-        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec)
+        launches += forward_launches(B, M, P, N, C, dtype, spec, save_attn=True, **fwd)
+        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded)
     else:
         used_design = design or seat_plan.loss_design(B, M, P, N, C, dtype, spec)
         if used_design not in LOSS_DESIGNS:
             raise ValueError(f"design={used_design!r}: expected one of {LOSS_DESIGNS}")
         if used_design == "fused":
-            launches = grad_launches(_plan(MODE_LOSS_IMAGE, B, M, P, N, C, dtype, spec), dtype, spec)
+            launches += grad_launches(_plan(MODE_LOSS_IMAGE, B, M, P, N, C, dtype, spec), dtype, spec, folded)
             launches += _loss_glue(B, M, C, dtype, spec, fused=True)
             launches.append(rescale_launch(B, M, P, C, dtype, spec, skipped=rescale_skipped))
         else:
-            launches = forward_launches(B, M, P, N, C, dtype, spec, save_attn=True)
+            launches += forward_launches(B, M, P, N, C, dtype, spec, save_attn=True, **fwd)
             launches += _loss_glue(B, M, C, dtype, spec, fused=False)
-            launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec)
+            launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded)
     by: dict = {}
     for launch in launches:
         for key, value in launch.bytes_by_tensor.items():

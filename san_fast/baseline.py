@@ -19,7 +19,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from san_fast.evaluation import plan_scores
+from san_fast.loader import SeededItems
 from san_fast.metrics import UnsupervisedMetrics
+from san_fast.runtime import derive_seed
+
+KMEANS_STREAM = 3  # derive_seed purpose tag of the k-means fit's crops (training's are 1 and 2)
 
 
 def _pixels(image: torch.Tensor) -> torch.Tensor:
@@ -36,16 +40,24 @@ def _items(dataset: Dataset, indices: Optional[list[int]], num_workers: int):
     return DataLoader(source, batch_size=None, shuffle=False, num_workers=num_workers)
 
 
+def _seeded_items(dataset: Dataset, indices: list[int], seed: int, num_workers: int):
+    """Items `indices`, each drawn under its own seed from (seed, index): random training crops
+    are then the same whichever process or worker loads them (as in training, san_fast.loader)."""
+    keys = [(i, derive_seed(seed, KMEANS_STREAM, i)) for i in indices]
+    return DataLoader(SeededItems(dataset), batch_size=None, sampler=keys, num_workers=num_workers)
+
+
 def sample_pixels(dataset: Dataset, max_pixels: int, max_images: int, generator: torch.Generator,
-                  num_workers: int = 0, progress: bool = False) -> torch.Tensor:
-    """Up to ``max_pixels`` pixel values (N, C) in [0, 1], spread evenly over up to ``max_images``."""
+                  num_workers: int = 0, progress: bool = False, seed: int = 0) -> torch.Tensor:
+    """Up to ``max_pixels`` pixel values (N, C) in [0, 1], spread evenly over up to ``max_images``;
+    random items (training crops) drawn under ``seed``."""
     n = len(dataset)
     if n == 0:
         raise ValueError("the training dataset is empty: k-means needs pixels to fit")
     chosen = torch.randperm(n, generator=generator)[:max_images].sort().values.tolist()
     per_image = math.ceil(max_pixels / len(chosen))
     samples = []
-    for image, _ in tqdm(_items(dataset, chosen, num_workers), total=len(chosen),
+    for image, _ in tqdm(_seeded_items(dataset, chosen, seed, num_workers), total=len(chosen),
                          desc="k-means: sampling pixels", disable=not progress, leave=False):
         pixels = _pixels(image)
         if pixels.shape[0] > per_image:
@@ -115,12 +127,10 @@ def kmeans_pixel_baseline(train_dataset: Dataset, val_dataset: Dataset, num_clus
     """
     num_classes = num_classes or num_clusters
     generator = torch.Generator().manual_seed(seed)
-    # Training items may be random crops drawn from torch's global generator (and DataLoader
-    # workers are seeded from it): seeded here, the fit depends on the data and `seed` only, not
-    # on what the process drew before (a training run, its length, its other switches).
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        train = sample_pixels(train_dataset, max_pixels, max_images, generator, num_workers, progress)
+    # Training items may be random crops: each is drawn under a seed of its own (sample_pixels),
+    # so the fit depends on the data and `seed` only, not on what the process drew before (a
+    # training run, its length, its other switches) nor on --num-workers.
+    train = sample_pixels(train_dataset, max_pixels, max_images, generator, num_workers, progress, seed)
     mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
     centres, inertia = kmeans((train - mean) / std, num_clusters, iters, restarts, seed)
 

@@ -29,15 +29,9 @@ import torch
 
 from san_fast.config import Config, ConfigError, config_from_dict
 from san_fast.io_utils import atomic_torch_save
+from san_fast.run_folder import RUN_CONTROL_FIELDS
 
 CHECKPOINT_FORMAT = 1
-# Fields a resumed run may change: how long and how it runs, where it reads and writes. Every
-# other field shapes the model, the data or the optimisation, so it must match.
-RUN_CONTROL_FIELDS = frozenset({
-    "epochs", "max_steps", "eval_every", "save_every", "log_every", "out", "resume", "overwrite",
-    "num_workers", "device", "num_vis", "baseline", "logger", "data_root", "data_cache", "compile",
-    "channels_last", "attn", "seat_impl", "amp", "preset",
-})
 
 
 class CheckpointError(ValueError):
@@ -51,6 +45,9 @@ def save_checkpoint(state: dict[str, Any], path: str) -> None:
 def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     """The checkpoint at `path`, loaded with weights_only=True; one-line errors for a missing,
     empty, unreadable, unsafe or foreign file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder: expected a checkpoint file, "
+                              f"e.g. {os.path.join(path, 'checkpoint.pt')}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:

@@ -8,11 +8,11 @@ import os
 from typing import Any
 
 from san_fast.config import (AMP_MODES, ATTN_BACKENDS, DATASETS, ENCODERS, EVAL_PROTOCOLS, EVAL_SPLITS,
-                             GENERATORS, LOGGERS, OVERCLUSTER, POTSDAM_BANDS, SEAT_IMPLS, TRAIN_CROPS, VIT_NORMS,
-                             Config, ConfigError)
+                             FOLD_BN, GENERATORS, LOGGERS, OVERCLUSTER, POTSDAM_BANDS, SEAT_IMPLS, TRAIN_CROPS,
+                             VIT_NORMS, Config, ConfigError)
 
 _CHOICES = {
-    "dataset": DATASETS, "encoder": ENCODERS, "attn": ATTN_BACKENDS, "seat_impl": SEAT_IMPLS,
+    "dataset": DATASETS, "encoder": ENCODERS, "attn": ATTN_BACKENDS, "seat_impl": SEAT_IMPLS, "fold_bn": FOLD_BN,
     "amp": AMP_MODES, "eval_protocol": EVAL_PROTOCOLS, "consistency_target": ("image", "rec_q"),
     "train_crop": TRAIN_CROPS, "potsdam_bands": POTSDAM_BANDS, "eval_split": EVAL_SPLITS,
     "overcluster": OVERCLUSTER, "generator": GENERATORS, "vit_norm": VIT_NORMS, "logger": LOGGERS,
@@ -95,6 +95,11 @@ def _validate_model(cfg: Config) -> None:
     if scene is not None and (scene < cfg.crop_size or scene % cfg.patch_size):
         raise ConfigError(f"--synthetic-image-size {scene}: expected at least --crop-size {cfg.crop_size} "
                           f"and a multiple of --patch-size {cfg.patch_size}")
+    if cfg.fold_bn == "on" and cfg.seat_impl == "torch":
+        raise ConfigError("--fold-bn on applies BatchNorm inside the Triton SEAT kernels: it needs --seat-impl "
+                          "triton or auto, not torch (the unfused reference)")
+    if cfg.fold_bn == "on" and not cfg.reconstruction:
+        raise ConfigError("--fold-bn on folds BatchNorm into the reconstruction op, which --no-reconstruction drops")
     if cfg.encoder == "unet" and cfg.crop_size % 8:
         raise ConfigError(f"--crop-size {cfg.crop_size}: the unet encoder needs a multiple of 8")
     if cfg.vit_width() % cfg.vit_num_heads():

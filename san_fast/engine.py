@@ -78,8 +78,9 @@ def _run(cfg: Config, env: DistEnv) -> dict:
     ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
     check_logger(cfg.logger)
     resume = _resume_state(cfg) if cfg.resume else None
-    folder = RunFolder(cfg.out, cfg.resume, cfg.overwrite)
+    folder = RunFolder(cfg.out, cfg.resume, cfg.overwrite, resume["config"] if resume is not None else None)
     folder.check()
+    on_main(folder.check_not_in_use, env)
     plan, fit_set, score_set = build_eval_datasets(cfg)
     data = RunData(build_dataset(cfg, "train"), build_dataset(cfg, "val"), plan, fit_set, score_set)
     _check_split_size(cfg, env, data.train)
@@ -147,7 +148,7 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
                       logger=logger, panels=prediction_panels(names))
     if resume is not None:
         trainer.restore(resume, cfg.resume)
-    on_main(lambda: atomic_write_text(folder.file(CONFIG), config_json(cfg, record)), env)
+    on_main(lambda: _write_config(folder, cfg, record), env)
     if env.is_main:
         print(_banner(cfg, env, runtime, model, backend, optimizer, data))
     with logger:
@@ -166,6 +167,14 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
     if env.is_main:
         _report(cfg, folder, result, shown, data, logger.enabled)
     return result
+
+
+def _write_config(folder: RunFolder, cfg: Config, record: dict) -> None:
+    """config.json at the start of a run. A folder holding a checkpoint (a resumed run) keeps the
+    config.json written with it until the next checkpoint rewrites both: a changed run-control
+    flag (--epochs, ...) would otherwise make the two differ."""
+    if not folder.file(CHECKPOINT).exists():
+        atomic_write_text(folder.file(CONFIG), config_json(cfg, record))
 
 
 def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: str, optimizer,

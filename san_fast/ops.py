@@ -16,15 +16,23 @@ weight (C,P) or (C,P,1,1), bias (C,) or None. q may be fp16/bf16/fp32 (fp64 for 
 gamma/weight/bias are fp32 master weights: the kernels accumulate in fp32 and return rec_q,
 rec_t in q's dtype, gradients in each input's dtype, losses in fp32. No op reads a device value
 on the host (no synchronisation), eager or compiled.
+
+BatchNorm folded: every function takes `affine=(scale, shift)`, two (P,) tensors, and then
+computes the op on Q = q * scale + shift per channel (BatchNorm's affine; q is the conv output y).
+With impl='triton' the affine is applied inside the kernels and Q is never written
+(kernels/seat_bn_fold.py); gradients reach scale and shift, hence BatchNorm's statistics and
+parameters. `seat_labels` also takes a `FoldedQ(y, scale, shift)` as q (what SAN.losses
+returns for the collapse monitor when it folds).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
+from san_fast.kernels.seat_bn_fold import affine_rows_reference, folded_operands, labels_operands
 from san_fast.kernels.seat_reference import (
     MAX_C,
     MAX_N,
@@ -48,10 +56,19 @@ CONSISTENCY_TARGETS = ("image", "rec_q")
 LOSS_DESIGNS = ("auto", "fused", "two_pass")
 _as_rows = as_rows  # the name other modules (bench/step_trace.py) use
 __all__ = [
-    "seat_reconstruct", "seat_reconstruct_loss", "seat_labels", "seat_reconstruct_reference",
+    "seat_reconstruct", "seat_reconstruct_loss", "seat_labels", "FoldedQ", "seat_reconstruct_reference",
     "seat_reconstruct_loss_reference", "seat_labels_reference", "resolve_impl", "check_impl",
     "MIN_N", "MAX_N", "MIN_C", "MAX_C", "MIN_P",
 ]
+
+
+class FoldedQ(NamedTuple):
+    """Q = y * scale + shift per channel, not materialised: y (B,P,H,W) or (B,M,P), scale and
+    shift (P,) (BatchNorm's affine in a batch)."""
+
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
 
 
 # --------------------------------------------------------------------------- validation
@@ -125,6 +142,22 @@ def _validate(q, gamma, weight=None, bias=None, x=None):
     return rows, gamma.expand(bsz, -1, -1), w2
 
 
+def _validate_affine(affine, rows: torch.Tensor):
+    """None, or (scale, shift) checked as two (P,) float tensors on q's device."""
+    if affine is None:
+        return None
+    if not isinstance(affine, (tuple, list)) or len(affine) != 2:
+        raise TypeError("affine must be None or a pair (scale, shift) of (P,) tensors")
+    p = rows.shape[-1]
+    for name, t in zip(("scale", "shift"), affine):
+        _check_tensor(f"affine {name}", t)
+        if t.shape != (p,):
+            raise ValueError(f"affine {name} must be (P,)=({p},) to match q, got {tuple(t.shape)}")
+        if t.device != rows.device:
+            raise ValueError(f"affine {name} must be on q's device {rows.device}, got {t.device}")
+    return tuple(affine)
+
+
 def resolve_impl(impl: str, device) -> str:
     """'auto' -> 'triton' on a CUDA device of compute capability >= 8.0 when Triton imports,
     else 'torch'; other names pass through.
@@ -175,14 +208,21 @@ def seat_reconstruct(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     impl: str = "auto",
+    affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """rec_q, rec_t (B,M,C) in q's dtype; differentiable in q, gamma, weight, bias.
+    """rec_q, rec_t (B,M,C) in q's dtype; differentiable in q, gamma, weight, bias (and the
+    affine's scale and shift).
 
     With impl='triton' and gradients needed, the forward also keeps the attention (B,M,N) in
     q's dtype (N/P of Q's bytes) so the backward reads Q once."""
     rows, gamma3, w2 = _validate(q, gamma, weight, bias)
+    affine = _validate_affine(affine, rows)
     if not _use_triton(impl, q):
+        rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_reconstruct_reference(rows, gamma3, w2, bias)
+    if affine is not None:
+        rec_q, rec_t, _ = _folded(rows, gamma3, w2, bias, affine)
+        return rec_q, rec_t
     if not _needs_grad(rows, gamma3, w2, bias):
         rec_q, rec_t, _ = torch.ops.san_fast.seat_forward(rows, gamma3, w2, bias, False)
         return rec_q, rec_t
@@ -202,6 +242,7 @@ def seat_reconstruct_loss(
     impl: str = "auto",
     loss_weights: tuple[float, float] = (1.0, 1.0),
     design: str = "auto",
+    affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_rec, L_con) as fp32 scalars: mean((rec_q - x)^2), mean((rec_t - target)^2).
 
@@ -225,10 +266,14 @@ def seat_reconstruct_loss(
     if h_con == 0.0:
         raise ValueError("loss_weights[1] (the weight of L_con) must be non-zero")
     rows, gamma3, w2 = _validate(q, gamma, weight, bias, x)
+    affine = _validate_affine(affine, rows)
     x_rows = image_rows(x)
     target_rec_q = consistency_target == "rec_q"
     if not _use_triton(impl, q):
+        rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_reconstruct_loss_reference(rows, gamma3, w2, bias, x_rows, consistency_target)
+    if affine is not None:
+        return _folded_loss(rows, gamma3, w2, bias, x_rows, target_rec_q, (h_rec, h_con), design, affine)
     if not _needs_grad(rows, gamma3, w2, bias, x_rows):
         rec_q, rec_t, _ = torch.ops.san_fast.seat_forward(rows, gamma3, w2, bias, False)
         return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(q))
@@ -241,12 +286,47 @@ def seat_reconstruct_loss(
     return out[0], out[1]
 
 
-def seat_labels(q: torch.Tensor, gamma: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """Argmax over N of the SEAT attention, (B,M) int64, without the attention in memory."""
+def seat_labels(
+    q: Union[torch.Tensor, FoldedQ], gamma: torch.Tensor, impl: str = "auto",
+    affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Argmax over N of the SEAT attention, (B,M) int64, without the attention in memory.
+    q may be a FoldedQ (then `affine` must be None)."""
+    if isinstance(q, FoldedQ):
+        if affine is not None:
+            raise ValueError("seat_labels: q is a FoldedQ, which carries its affine; pass affine=None")
+        q, affine = q.y, (q.scale, q.shift)
     rows, gamma3, _ = _validate(q, gamma)
+    affine = _validate_affine(affine, rows)
     if not _use_triton(impl, q):
+        rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_labels_reference(rows, gamma3)
+    if affine is not None:
+        gamma_s, lb = labels_operands(*affine, gamma3, loss_dtype(rows))
+        return torch.ops.san_fast.seat_labels_folded(rows, gamma_s, lb)
     return torch.ops.san_fast.seat_labels(rows, gamma3)
+
+
+def _folded(rows, gamma, weight, bias, affine):
+    """The SEAT op on rows * scale + shift, the affine inside the kernels (kernels/seat_bn_fold.py)."""
+    from san_fast.kernels.seat_autograd import SeatFoldedFunction
+
+    operands = folded_operands(*affine, gamma, weight, bias, loss_dtype(rows))
+    if not _needs_grad(rows, gamma, weight, bias, *affine):
+        return torch.ops.san_fast.seat_forward_folded(rows, *operands, False)
+    return SeatFoldedFunction.apply(rows, *operands, True)
+
+
+def _folded_loss(rows, gamma, weight, bias, x_rows, target_rec_q, hints, design, affine):
+    if _needs_grad(rows, gamma, weight, bias, x_rows, *affine) and \
+            _loss_design(design, rows, gamma.shape[1], weight.shape[0]) == "fused":
+        from san_fast.kernels.seat_autograd import SeatFusedLossFunction
+
+        g_s, w_s, values, bias_f, lb = folded_operands(*affine, gamma, weight, bias, loss_dtype(rows))
+        out = SeatFusedLossFunction.apply(rows, g_s, w_s, bias_f, x_rows, target_rec_q, *hints, values, lb)
+        return out[0], out[1]
+    rec_q, rec_t, _ = _folded(rows, gamma, weight, bias, affine)
+    return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
 
 
 def _needs_grad(*tensors) -> bool:

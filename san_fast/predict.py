@@ -160,21 +160,30 @@ def _segment_all(model, files: list[ImageFile], outputs: _Outputs, batch_size: i
             bar.update(len(batch))
 
 
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"--out {out} cannot be created ({err})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     files, missing = find_images(args.inputs)
     if not files:
         print(f"predict: error: no image files among the inputs"
               f"{' (missing: ' + ', '.join(missing) + ')' if missing else ''}", file=sys.stderr)
         return 2
+    out = Path(args.out)
     try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is an existing file: expected a folder")
         model = load(args.checkpoint, device=args.device)
         assignment, names = (read_assignment(args.assignment, model.num_semantics)
                              if args.assignment else (None, None))
+        _make_folder(out)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"predict: error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(out, model.num_semantics, assignment, names)
     for entry in missing:
         outputs.fail(entry, "no such file or folder")

@@ -8,6 +8,7 @@ however it ends (SIGKILL included), so a crashed run never leaves a stale lock b
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +21,13 @@ except ImportError:  # Windows: no flock; runs are then not protected against ea
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
+# Config fields a resumed run may change (how long and how it runs, where it reads and writes);
+# every other field shapes the model, the data or the optimisation.
+RUN_CONTROL_FIELDS = frozenset({
+    "epochs", "max_steps", "eval_every", "save_every", "log_every", "out", "resume", "overwrite",
+    "num_workers", "device", "num_vis", "baseline", "logger", "data_root", "data_cache", "compile",
+    "channels_last", "attn", "seat_impl", "fold_bn", "amp", "preset",
+})
 METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"  # folder of TensorBoard event files (san_fast.logger)
 # Files (and the TensorBoard folder) a run writes; --overwrite removes them so no result of the
@@ -32,10 +40,19 @@ class RunFolderError(ValueError):
     """The --out folder cannot take this run (in use, or holding another run)."""
 
 
+def _same_file(a: Path, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class RunFolder:
-    def __init__(self, path: str, resume: Optional[str], overwrite: bool):
+    def __init__(self, path: str, resume: Optional[str], overwrite: bool, resume_config: Optional[dict] = None):
+        """`resume_config`: the config dict inside the --resume checkpoint."""
         self.path = Path(path)
         self.resume = resume
+        self.resume_config = resume_config
         self.overwrite = overwrite
         self._lock_fd: Optional[int] = None
 
@@ -46,10 +63,52 @@ class RunFolder:
         """Read-only: can this run use the folder? (Repeated under the lock by acquire.)"""
         if self.path.exists() and not self.path.is_dir():
             raise RunFolderError(f"--out {self.path} is an existing file: expected a folder for the run")
-        if (self.file(CHECKPOINT).exists() and self.resume is None and not self.overwrite):
+        held = self.file(CHECKPOINT)
+        if held.exists() and self.resume is None and not self.overwrite:
             raise RunFolderError(
                 f"--out {self.path} already holds a run ({CHECKPOINT}): pass --resume "
-                f"{self.file(CHECKPOINT)} to continue it, --overwrite to replace it, or another --out")
+                f"{held} to continue it, --overwrite to replace it, or another --out")
+        # Resuming one run into the folder of another would mix their files. An earlier
+        # checkpoint of the folder's own run (same settings) may roll it back.
+        if held.exists() and self.resume_config is not None and not _same_file(held, self.resume):
+            why = self._why_another_run()
+            if why:
+                raise RunFolderError(f"--out {self.path} holds another run than --resume {self.resume} ({why}): "
+                                     "resume into the checkpoint's own folder or into an empty --out")
+
+    def _why_another_run(self) -> Optional[str]:
+        """Why the folder's run is not the resumed checkpoint's: settings (not run-control flags)
+        where its config.json, written with its checkpoint, differs; None when they agree."""
+        try:
+            held = json.loads(self.file(CONFIG).read_text())
+        except (OSError, ValueError):
+            return f"it has no readable {CONFIG}"
+        resumed = json.loads(json.dumps(self.resume_config))  # as config.json holds it (tuples as lists)
+        differ = sorted(k for k, v in resumed.items() if k not in RUN_CONTROL_FIELDS and held.get(k) != v)
+        return f"its {CONFIG} differs in {', '.join(differ)}" if differ else None
+
+    def check_not_in_use(self) -> None:
+        """Fail at once when a live run holds the folder's lock, rather than after this run's data
+        checks (acquire takes the lock itself only then). A shared lock, dropped at once: it
+        writes nothing. Call it from one process (rank 0): two probes never conflict, but a
+        probe meeting this run's own acquire would."""
+        if fcntl is None or not self.file(LOCK).exists():
+            return
+        try:
+            fd = os.open(self.file(LOCK), os.O_RDONLY)
+        except OSError:
+            return  # unreadable: acquire reports what is wrong
+        self._lock_or_close(fd, fcntl.LOCK_SH)
+        os.close(fd)
+
+    def _lock_or_close(self, fd: int, mode: int) -> None:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunFolderError(f"--out {self.path} is in use by another run (pid {owner}); "
+                                 "wait for it to finish or choose another --out") from None
 
     def acquire(self) -> None:
         """Create the folder, take the lock (or fail at once), then clear it for --overwrite."""
@@ -60,13 +119,7 @@ class RunFolder:
         except OSError as err:
             raise RunFolderError(f"--out {self.path}: cannot create the run folder ({err})") from None
         if fd is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise RunFolderError(f"--out {self.path} is in use by another run (pid {owner}); "
-                                     "wait for it to finish or choose another --out") from None
+            self._lock_or_close(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._lock_fd = fd

@@ -3,9 +3,10 @@
 The device is read only at log points (every --log-every steps and at each epoch's last step)
 and at checkpoints: one transfer of the summed loss terms, the collapse indicator and the
 divergence flags. What the logger (san_fast.logger: TensorBoard or nothing) gets comes from those
-reads and from host-side values (learning rate, wall time): logging adds no device read. A non-finite loss is detected on the device and its step skipped there; the
-run stops at the next read with DivergedError, before any checkpoint or result is written, so
-the last good checkpoint stays as it was.
+reads and from host-side values (learning rate, wall time): logging adds no device read. A
+non-finite loss is detected on the device and its step skipped there; the run stops at the
+next read with DivergedError, before any checkpoint or result is written, so the last good
+checkpoint stays as it was.
 """
 
 from __future__ import annotations

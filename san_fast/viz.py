@@ -282,27 +282,27 @@ def confusion_figure(confusion: ArrayLike, class_names: Sequence[str],
     by_truth = counts.T
     totals = by_truth.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(totals > 0, by_truth / totals, np.nan)
+        share = np.where(totals > 0, 100 * by_truth / totals, np.nan)  # % of each class's pixels
     side = max(4.5, 0.27 * n + 2.6)
     fig = Figure(figsize=(side + 1.0, side), dpi=_DPI, layout="constrained")
     ax = fig.subplots()
     cmap = "Blues"
-    shown = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0.0, vmax=1.0)
+    shown = ax.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0.0, vmax=100.0)
     ax.set_facecolor("0.85")  # rows of classes absent from the ground truth
     fontsize = _FONT if n <= 15 else 7
     ax.set_xticks(range(len(predicted)), labels=predicted, rotation=45, ha="right",
                   rotation_mode="anchor", fontsize=fontsize)
     rows = [name if total > 0 else f"{name} (no pixels)" for name, total in zip(class_names, totals[:, 0])]
     ax.set_yticks(range(n), labels=rows, fontsize=fontsize)
-    ax.set_xlabel("predicted class (clusters after Hungarian matching)", fontsize=_FONT)
+    ax.set_xlabel("predicted class (clusters after the cluster-to-class matching)", fontsize=_FONT)
     ax.set_ylabel("ground truth", fontsize=_FONT)
     if n <= 15:  # numbers stay legible; above that the colour carries the information
         for i, j in np.ndindex(share.shape):
             if np.isfinite(share[i, j]):
-                ax.text(j, i, f"{100 * share[i, j]:.0f}", ha="center", va="center",
-                        fontsize=fontsize - 1, color="white" if share[i, j] > 0.55 else "0.1")
+                ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center",
+                        fontsize=fontsize - 1, color="white" if share[i, j] > 55 else "0.1")
     bar = fig.colorbar(shown, ax=ax, shrink=0.8)
-    bar.set_label("fraction of the ground-truth class's pixels", fontsize=_FONT)
+    bar.set_label("% of the ground-truth class's pixels", fontsize=_FONT)
     bar.ax.tick_params(labelsize=_FONT)
     ax.set_title(title or "confusion matrix (row-normalised, % per row)", fontsize=_FONT + 1)
     return fig

@@ -136,6 +136,8 @@ def test_load_errors(model, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises((RuntimeError, ValueError), match="CUDA is not available"):
             load(save_checkpoint(tmp_path / "c.pt", model), device="cuda")
+    with pytest.raises(ValueError, match="--device 'gpu0': expected auto, cpu, cuda or cuda:N"):
+        load(save_checkpoint(tmp_path / "c.pt", model), device="gpu0")
 
 
 def test_read_assignment_takes_clusters_matched_to_no_class(tmp_path):

@@ -119,3 +119,6 @@ def test_random_crops_are_drawn_from_the_seed_not_the_callers_stream():
     a = kmeans_pixel_baseline(train, val, 4, max_pixels=1000, seed=3)
     torch.manual_seed(2)
     assert kmeans_pixel_baseline(train, val, 4, max_pixels=1000, seed=3) == a
+    # nor on the worker processes that load them (each item has its own seed)
+    assert kmeans_pixel_baseline(train, val, 4, max_pixels=1000, seed=3, num_workers=2) == a
+    assert kmeans_pixel_baseline(train, val, 4, max_pixels=1000, seed=4) != a

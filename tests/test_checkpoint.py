@@ -67,6 +67,8 @@ def test_foreign_files_are_refused(tmp_path):
     (tmp_path / "half.pt").write_bytes(b"PK\x03\x04 truncated zip")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(str(tmp_path / "half.pt"))
+    with pytest.raises(CheckpointError, match="is a folder: expected a checkpoint file, e.g. .*checkpoint.pt"):
+        load_checkpoint(str(tmp_path))
 
 
 def test_resume_of_a_finished_run_only_reports(trained, tmp_path):
@@ -74,6 +76,12 @@ def test_resume_of_a_finished_run_only_reports(trained, tmp_path):
     again = run(tiny(out=str(tmp_path), resume=str(out / "checkpoint.pt")))
     assert again["train"]["steps"] == result["train"]["steps"] == 2
     assert again["san"] == result["san"]
+    # Resumed in its own folder with a run-control flag changed and nothing left to train (so
+    # no checkpoint is written): config.json still says what the checkpoint says.
+    before = (out / "config.json").read_text()
+    run(tiny(out=str(out), resume=str(out / "checkpoint.pt"), eval_every=3))
+    assert (out / "config.json").read_text() == before
+    assert load_config(str(out / "config.json")) == config_from_checkpoint(load_checkpoint(str(out / "checkpoint.pt")))
 
 
 def test_the_run_folder_is_locked_and_not_reused(tmp_path):
@@ -82,14 +90,26 @@ def test_the_run_folder_is_locked_and_not_reused(tmp_path):
     second = RunFolder(str(tmp_path / "run"), resume=None, overwrite=False)
     with pytest.raises(RunFolderError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
         second.acquire()
+    with pytest.raises(RunFolderError, match="in use by another run"):
+        second.check_not_in_use()  # what a run does before its data checks: no file written
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "run" / "metrics.json").write_text("{}")
     first.release()
+    second.check_not_in_use()  # the lock is free again
     with pytest.raises(RunFolderError, match="already holds a run"):
         second.acquire()
     resumed = RunFolder(str(tmp_path / "run"), resume=str(tmp_path / "run" / "checkpoint.pt"), overwrite=False)
     resumed.acquire()
     resumed.release()
+    # --resume of a checkpoint kept elsewhere: its own run's may roll the folder back, another
+    # run's (other settings than the folder's config.json) may not.
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**tiny().to_dict(), "distributed": {}}))
+    (tmp_path / "kept.pt").write_bytes(b"x")
+    same_run, other_run = tiny(epochs=5).to_dict(), tiny(embed_dim=48, lr=0.5).to_dict()
+    RunFolder(str(tmp_path / "run"), str(tmp_path / "kept.pt"), False, resume_config=same_run).check()
+    with pytest.raises(RunFolderError, match="holds another run than --resume .*kept.pt .*differs in embed_dim, lr"):
+        RunFolder(str(tmp_path / "run"), str(tmp_path / "kept.pt"), False, resume_config=other_run).check()
+    RunFolder(str(tmp_path / "empty"), str(tmp_path / "kept.pt"), False, resume_config=other_run).check()
     (tmp_path / "run" / "tensorboard").mkdir()
     (tmp_path / "run" / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
     (tmp_path / "run" / "confusion.png").write_bytes(b"x")

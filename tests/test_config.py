@@ -29,6 +29,16 @@ def test_flags_override_presets_and_ablations_invert():
     assert cfg.encoder == "unet" and cfg.vit_depth == 4
 
 
+def test_fold_bn_flag_and_its_checks():
+    assert resolve({}, cuda_available=False).fold_bn == "auto"
+    cfg = resolve(vars(build_parser().parse_args(["--fold-bn", "off"])), cuda_available=False)
+    assert cfg.fold_bn == "off"
+    with pytest.raises(ValueError, match="--fold-bn on .* not torch"):
+        resolve(vars(build_parser().parse_args(["--fold-bn", "on", "--seat-impl", "torch"])), cuda_available=False)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--fold-bn", "maybe"])
+
+
 def test_real_dataset_needs_a_root():
     with pytest.raises(ValueError, match="--data-root"):
         resolve({"dataset": "cityscapes"}, cuda_available=False)

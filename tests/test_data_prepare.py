@@ -180,6 +180,25 @@ def test_cli_missing_layout(tmp_path, capsys):
     assert "Cityscapes not found at" in err and "expected layout:" in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["nothing"], "argument name: invalid choice: 'nothing'"),
+    (["coco27", "--workers", "-1"], "--workers -1: expected an integer >= 0"),
+    (["coco27", "--out", "{dir}/file.txt"], "is an existing file: expected a folder"),
+    (["coco27", "--out", "/proc/san_fast_no_such_folder/cache"], "/proc/san_fast_no_such_folder"),
+])
+def test_cli_bad_arguments_are_one_line(tmp_path, capsys, flags, message):
+    make_coco(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    argv = ["--data-root", str(tmp_path), "--workers", "1", "--quiet"] + [f.format(dir=tmp_path) for f in flags]
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("python -m san_fast.data.prepare: error: ") and message in err, err
+
+
 def test_cli_missing_folder_inside_coco(tmp_path, capsys):
     base = make_coco(tmp_path)
     os.rename(os.path.join(base, "annotations", "val2017"), os.path.join(base, "annotations", "x"))
@@ -254,7 +273,7 @@ def test_bad_curated_lists_are_refused(tmp_path, capsys, lines, message):
     write_list(base, "train2017", lines)
     assert main(["coco27", "--data-root", str(tmp_path), "--workers", "1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert err.startswith("python -m san_fast.data.prepare: error: ") and message in err and len(err.splitlines()) == 1
 
 
 def test_labels_in_another_format_are_refused_before_a_list_is_built(tmp_path, capsys):

@@ -1,5 +1,7 @@
 """The TensorBoard logger: what it writes (read back with TensorBoard's own reader), who writes."""
 
+import time
+
 import numpy as np
 import pytest
 import torch.distributed as dist
@@ -42,6 +44,10 @@ def test_resume_purges_events_past_the_checkpoint(tmp_path):
     with resolve_logger("tensorboard", tmp_path) as log:
         for step in range(1, 6):
             log.scalars(step, {"loss": float(step)})
+    # TensorBoard reads event files in name order: "events.out.tfevents.<second>.<host>.<pid>.<n>",
+    # where n counts this process's writers (after writer 9 comes 10, which sorts first). A resumed
+    # run is a later second (and process); here, wait for one.
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
     with resolve_logger("tensorboard", tmp_path, purge_step=3) as log:
         for step in (3, 4):
             log.scalars(step, {"loss": 10.0 * step})

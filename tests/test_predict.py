@@ -140,8 +140,11 @@ def test_bad_arguments_are_one_line_errors_with_code_2(checkpoint, tmp_path, cap
         (["--checkpoint", str(tmp_path / "garbage.pt"), image], "garbage.pt"),
         (["--checkpoint", str(checkpoint), image, "--assignment", str(wrong)], "2 clusters"),
         (["--checkpoint", str(checkpoint), str(tmp_path / "none.png")], "no image files"),
+        (["--checkpoint", str(checkpoint), image, "--out", str(tmp_path / "x.png")], "is an existing file"),
+        (["--checkpoint", str(checkpoint), image, "--out", "/proc/no_such_folder/out"], "cannot be created"),
     ]:
-        assert main(argv + ["--out", out, "--device", "cpu"]) == 2
+        default_out = [] if "--out" in argv else ["--out", out]
+        assert main(argv + default_out + ["--device", "cpu"]) == 2
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
 

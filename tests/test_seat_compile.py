@@ -6,7 +6,8 @@ triton 3.6, falls back to "every input mutated" and clones q: pytorch issues 170
 nor needs to copy anything for them. Checked on inductor's generated code: the q given to
 seat_forward is a view of the buffer its producer (BatchNorm) wrote, no other buffer of Q's size
 is allocated in the forward, and seat_backward reads the saved Q (a graph input of the backward).
-CPU: a model-shaped step (conv, BatchNorm, the SEAT losses), inductor's C++ backend. GPU (marked
+CPU: a model-shaped step (conv, BatchNorm, the SEAT losses), inductor's C++ backend, also with BatchNorm
+folded into the ops (then no buffer of Q's size exists in the forward at all). GPU (marked
 gpu): the SAN model's own loss.
 """
 
@@ -46,17 +47,31 @@ def _graph_inputs(code: str) -> set[str]:
     return {name.strip() for name in match.group(1).split(",")} if match else set()
 
 
-def check_no_copy_of_q(codes: list[str], q_numel: int) -> None:
-    forward = next(c for c in codes if "san_fast.seat_forward" in c)
-    backward = next(c for c in codes if "san_fast.seat_backward" in c)
-    q_buf = _q_argument(forward, "seat_forward")
+def check_no_copy_of_q(codes: list[str], q_numel: int, suffix: str = "") -> None:
+    """`suffix` "_folded": the BatchNorm-folded ops, whose q is the conv output y."""
+    forward = next(c for c in codes if f"san_fast.seat_forward{suffix}.default" in c)
+    backward = next(c for c in codes if f"san_fast.seat_backward{suffix}.default" in c)
+    q_buf = _q_argument(forward, f"seat_forward{suffix}")
     q_sized = [name for name, numel in _buffers(forward).items() if numel == q_numel]
     assert q_sized == [q_buf], f"buffers of Q's size in the forward: {q_sized}, q passed as {q_buf}"
     writers = [line for line in forward.splitlines() if re.search(rf"\b{q_buf}\b", line) and "(" in line
                and "empty_strided" not in line and "san_fast" not in line and "reinterpret" not in line]
     assert len(writers) == 1, f"{q_buf} written by {writers}"  # its producer, once
-    q_saved = _q_argument(backward, "seat_backward")
+    q_saved = _q_argument(backward, f"seat_backward{suffix}")
     assert q_saved in _graph_inputs(backward), f"seat_backward reads {q_saved}, not a saved tensor"
+
+
+def check_folded_never_writes_q(codes: list[str], q_numel: int) -> None:
+    """BatchNorm folded into the ops: they read the conv output y, and the forward allocates no
+    other buffer of Q's size (BatchNorm's output is never written); the backward reads saved y."""
+    forward = next(c for c in codes if "san_fast.seat_forward_folded.default" in c)
+    backward = next(c for c in codes if "san_fast.seat_backward_folded.default" in c)
+    assert "san_fast.seat_forward.default" not in forward
+    y_buf = _q_argument(forward, "seat_forward_folded")
+    q_sized = [name for name, numel in _buffers(forward).items() if numel == q_numel and name != y_buf]
+    assert not q_sized, f"buffers of Q's size in the folded forward besides y ({y_buf}): {q_sized}"
+    y_saved = _q_argument(backward, "seat_backward_folded")
+    assert y_saved in _graph_inputs(backward), f"seat_backward_folded reads {y_saved}, not a saved tensor"
 
 
 class Step(torch.nn.Module):
@@ -78,9 +93,24 @@ class Step(torch.nn.Module):
         return l_rec + l_con + rec_t.square().mean(), q.numel()
 
 
-def _compiled_step_codes():
+class FoldedStep(Step):
+    """Step with BatchNorm applied inside the SEAT ops (kernels/seat_bn_fold.py)."""
+
+    def forward(self, x):
+        from san_fast.model.sync_batchnorm import batch_affine
+
+        y = self.conv(x)
+        affine = batch_affine(self.bn, y)
+        l_rec, l_con = ops.seat_reconstruct_loss(y, self.gamma, self.recon.weight, self.recon.bias, x,
+                                                 impl="triton", affine=affine)
+        rec_q, rec_t = ops.seat_reconstruct(y, self.gamma, self.recon.weight, self.recon.bias, impl="triton",
+                                            affine=affine)
+        return l_rec + l_con + rec_t.square().mean(), y.numel()
+
+
+def _compiled_step_codes(cls=Step):
     torch.manual_seed(0)
-    step = Step().to(memory_format=torch.channels_last)
+    step = cls().to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(step, fullgraph=True)
 
@@ -109,15 +139,31 @@ def test_compiled_step_does_not_copy_q():
         check_no_copy_of_q([copied if i == forward else c for i, c in enumerate(codes)], q_numel)
 
 
+@pytest.mark.skipif(CUDA, reason="the CPU check; CUDA runs test_compiled_model_loss_does_not_copy_q_gpu")
+def test_compiled_folded_step_never_writes_q_and_matches_eager():
+    q_numel, codes = _compiled_step_codes(FoldedStep)
+    check_folded_never_writes_q(codes, q_numel)
+    torch.manual_seed(0)
+    eager, twin = FoldedStep(), FoldedStep()
+    twin.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    for model in (eager, torch.compile(twin, fullgraph=True)):
+        model(x)[0].backward()
+    assert torch.allclose(twin.bn.running_var, eager.bn.running_var, rtol=1e-5)
+    for (name, got), want in zip(twin.named_parameters(), eager.parameters()):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_compiled_model_loss_does_not_copy_q_gpu():
+@pytest.mark.parametrize("fold_bn", ["off", "on"])
+def test_compiled_model_loss_does_not_copy_q_gpu(fold_bn):
     from san_fast.config import Config
     from san_fast.model import SAN
 
     torch.manual_seed(0)
     cfg = Config(crop_size=32, embed_dim=64, vit_dim=32, vit_heads=2, vit_depth=1, synthetic_classes=5,
-                 seat_impl="triton", device="cuda").validate()
+                 seat_impl="triton", device="cuda", fold_bn=fold_bn).validate()
     model = SAN(cfg).cuda().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     compiled = torch.compile(model.losses, fullgraph=True)
@@ -125,7 +171,10 @@ def test_compiled_model_loss_does_not_copy_q_gpu():
     def run():
         out, q, _ = compiled(x)
         out["loss"].backward()
-        return q.numel()
+        return q.y.numel() if isinstance(q, ops.FoldedQ) else q.numel()
 
     q_numel, codes = run_and_get_code(run)
-    check_no_copy_of_q(codes, q_numel)
+    if fold_bn == "on":
+        check_folded_never_writes_q(codes, q_numel)
+    else:
+        check_no_copy_of_q(codes, q_numel)

@@ -159,7 +159,7 @@ def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
     poisoned = dict(plan=plan, config=cfg, dq=torch.full_like(q, NAN), workspace_fill=NAN)
     if mode == MODE_GRADS:
         attn = reference_forward(q, gamma, weight, None, torch.float64)[2].to(dtype)
-        dq, dg, dw, dwu, s, _, _ = launch_grad(mode, q, gamma, weight, None, attn=attn, grad_rec_q=grq,
+        dq, dg, dw, dwu, s, _, _, _ = launch_grad(mode, q, gamma, weight, None, attn=attn, grad_rec_q=grq,
                                                 grad_rec_t=grt, **poisoned)
         assert dwu is None
         dg, dw = combine_through_values(dg, dw, s, gamma, weight)
@@ -263,7 +263,7 @@ def test_paper_shape_gpu(kernel):
         names = ("rec_q", "rec_t", "attn")
     elif kernel == MODE_GRADS:
         attn = seat_forward(q, gamma, weight, None, save_attn=True)[2]
-        dq, dg, dw, _, s, _, _ = launch_grad(kernel, q, gamma, weight, None, attn=attn, grad_rec_q=grq,
+        dq, dg, dw, _, s, _, _, _ = launch_grad(kernel, q, gamma, weight, None, attn=attn, grad_rec_q=grq,
                                               grad_rec_t=grt)
         got = (dq, *combine_through_values(dg, dw, s, gamma, weight))
         refs = reference_grads(q, gamma, weight, grq, grt, torch.float64)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import step_cost
 from bench import step_model as sm
@@ -80,6 +81,25 @@ def test_bn_folding_removes_the_normalise_pass_and_the_backward_sums():
     assert abs(saved - 4 * Q_FP32) <= VECTORS
     with pytest.raises(ValueError, match="fused"):
         traced(["--seat-impl", "torch"], bn_folded=True)
+
+
+def test_bn_folded_default_follows_fold_bn_and_the_seat_cost_counts_the_fold():
+    def folded(flags, gpu="H100"):
+        return sm.resolve_settings(sm.config_for(TINY + flags), gpu, "fused", None).bn_folded
+
+    assert folded([]) and folded(["--fold-bn", "on"])  # auto: the fused SEAT op runs on an H100
+    assert not folded(["--fold-bn", "off"]) and not folded(["--seat-impl", "torch"])
+    assert not folded([], gpu="V100")  # no fused SEAT op there: nothing to fold into
+    flags = ["--seat-impl", "triton", "--amp", "off"]
+    seat = {f: [k for k in step_cost.kernels(*traced(flags, bn_folded=f)) if k.part == "seat"] for f in (0, 1)}
+    from san_fast.kernels import traffic
+
+    cfg = sm.config_for(TINY + flags)
+    shape = (B, SIDE * SIDE, P, cfg.semantics(), 3)
+    want = [traffic.op_traffic("fused_loss", *shape, torch.float32, gpu="H100", folded=bool(f)).total_bytes
+            for f in (0, 1)]
+    assert want[1] > want[0]  # the fold's operand ops and logit bias, in the SEAT op's cost
+    assert sum(k.bytes for k in seat[1]) - sum(k.bytes for k in seat[0]) == want[1] - want[0]
 
 
 def test_cli_writes_a_table_per_gpu(tmp_path, capsys):

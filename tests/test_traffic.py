@@ -100,7 +100,7 @@ def test_the_model_counts_the_launch_the_launcher_runs():
     (name, grid, args, kw), reduce_call = calls
     assert name == "seat_grad_kernel" and grid == plan.grid == (2, 2)
     assert kw["BLOCK_M"] == plan.block_m and kw["BLOCK_P2"] == plan.block_p2
-    ws = args[11]
+    ws = args[12]  # q, gamma, W, V, bias, logit bias, attn, rec grads, dq, rec_q, rec_t, then ws
     assert ws.shape == (plan.slots, plan.slot_len)
     launch = _kernel(traffic.grad_launches(plan, torch.float32, H100))
     assert launch.grid == plan.grid and launch.config["BLOCK_M"] == 16 and launch.config["K"] == 2
@@ -261,3 +261,26 @@ def test_cli_prints_the_table(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| shape (A100") and len(out) == 2 + 2 * len(traffic.sweep_shapes())
     assert all(math.isfinite(float(line.split("|")[6])) for line in out[2:])
+
+
+@pytest.mark.parametrize("op", traffic.OPS)
+def test_folded_ops_add_the_fold_and_the_logit_bias_and_drop_the_values_op(op):
+    """BatchNorm folded (kernels/seat_bn_fold.py): the fold's small torch ops appear, V comes with
+    them (no "V = gamma W^T" op), the kernels that compute logits read the logit bias (B,N)."""
+    B, M, P, N, C, dtype = 4, 64 * 64, 256, 27, 3, torch.bfloat16
+    plain = traffic.op_traffic(op, B, M, P, N, C, dtype, design="two_pass" if op == "fused_loss" else None)
+    folded = traffic.op_traffic(op, B, M, P, N, C, dtype, design="two_pass" if op == "fused_loss" else None,
+                                folded=True)
+    names = [x.name for x in folded.launches]
+    assert "torch: BN fold: Gamma s, W s, V', lb" in names and "torch: V = gamma W^T" not in names
+    assert ("torch: BN fold backward: dGamma, dW, ds, dt" in names) == (op not in ("forward", "labels"))
+    fold = sum(x.total_bytes for x in folded.launches if x.name.startswith("torch: BN fold"))
+    values = sum(x.total_bytes for x in plain.launches if x.name == "torch: V = gamma W^T")
+    logit_bias = B * N * 4 if op != "backward" else 0
+    assert folded.total_bytes - plain.total_bytes == fold - values + logit_bias
+    assert folded.floor_bytes == plain.floor_bytes
+    fused_plain = traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, design="fused")
+    fused_folded = traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, design="fused", folded=True)
+    fold = sum(x.total_bytes for x in fused_folded.launches if x.name.startswith("torch: BN fold"))
+    values = sum(x.total_bytes for x in fused_plain.launches if x.name == "torch: V = gamma W^T")
+    assert fused_folded.total_bytes - fused_plain.total_bytes == fold - values + B * N * 4

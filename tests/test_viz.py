@@ -154,8 +154,8 @@ def test_confusion_matrix_is_row_normalised_by_ground_truth(tmp_path):
     matched = np.array([[8, 1, 0], [2, 3, 0], [0, 0, 0]])
     fig = confusion_figure(matched, ["sky", "grass", "road"])
     shown = fig.axes[0].images[0].get_array()
-    assert np.allclose(shown[0].filled(np.nan), [0.8, 0.2, 0.0])
-    assert np.allclose(shown[1].filled(np.nan), [0.25, 0.75, 0.0])
+    assert np.allclose(shown[0].filled(np.nan), [80, 20, 0])  # % of each ground-truth class
+    assert np.allclose(shown[1].filled(np.nan), [25, 75, 0])
     assert shown.mask[2].all()
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels == ["sky", "grass", "road (no pixels)"]
@@ -173,7 +173,7 @@ def test_confusion_matrix_counts_unmatched_pixels_in_a_last_column():
     fig = confusion_figure(matched, ["sky", "grass"], unmatched=[2, 4])
     shown = fig.axes[0].images[0].get_array()
     assert shown.shape == (2, 3)
-    assert np.allclose(shown[0], [0.6, 0.2, 0.2]) and np.allclose(shown[1], [0.125, 0.375, 0.5])
+    assert np.allclose(shown[0], [60, 20, 20]) and np.allclose(shown[1], [12.5, 37.5, 50])
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["sky", "grass", UNMATCHED_NAME]
     assert confusion_figure(matched, ["sky", "grass"], unmatched=[0, 0]).axes[0].images[0].get_array().shape == (2, 2)
 

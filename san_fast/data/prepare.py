@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-from san_fast.config import DATASET_PRESETS, EVAL_PROTOCOLS
+from san_fast.config import DATASET_PRESETS, EVAL_PROTOCOLS, OneLineErrorParser
 from san_fast.data import cityscapes, coco, potsdam
 from san_fast.data._io import (
     CACHE_IMAGE_EXT,
@@ -278,9 +278,12 @@ def _record(report: Report, cache: str, echo) -> None:
         report.say(f"  could not record the checked files in {cache} ({why})", echo)
 
 
+PROG = "python -m san_fast.data.prepare"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m san_fast.data.prepare",
+    p = OneLineErrorParser(
+        prog=PROG,
         description="Check a dataset's layout, build missing curated lists, and write the "
                     "loaders' cache (see README, section Datasets).",
     )
@@ -301,18 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers {args.workers}: expected an integer >= 0 (0: in this process)")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is an existing file: expected a folder for the cache")
     try:
         report = prepare(args.name, args.data_root, out=args.out, protocol=args.protocol,
                          workers=args.workers, rebuild_lists=args.rebuild_lists, force=args.force,
                          write_cache=not args.no_cache, progress=not args.quiet)
-    except (DatasetLayoutError, DatasetFileError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (DatasetLayoutError, DatasetFileError, ValueError, OSError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     if report.errors:
         shown = "\n  ".join(report.errors[:20])
         more = f"\n  ... and {len(report.errors) - 20} more" if len(report.errors) > 20 else ""
-        print(f"error: {len(report.errors)} files could not be used:\n  {shown}{more}",
+        print(f"{PROG}: error: {len(report.errors)} files could not be used:\n  {shown}{more}",
               file=sys.stderr)
         return 1
     print("done")

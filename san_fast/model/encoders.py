@@ -2,7 +2,8 @@
 
 `conv3x3` is the paper's per-pixel perceptron; `resnet18` and `unet` are the Table 4 swaps,
 randomly initialised like the rest of the model (the method uses no pretrained weights). C is 3
-(RGB) or 4 (Potsdam's RGB + IR). The ResNet-18 and UNet trunks also serve as backbones of the
+(RGB) or 4 (Potsdam's RGB + IR). Each ends in BatchNorm2d(P), `final_bn`; `features(x)` runs
+everything before it (for the BatchNorm fold, kernels/seat_bn_fold.py). The ResNet-18 and UNet trunks also serve as backbones of the
 semantic-wise generator (san_fast.model.variants).
 """
 
@@ -28,6 +29,15 @@ class PixelPerceptron(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @property
+    def final_bn(self) -> nn.BatchNorm2d:
+        return self.net[-1]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, y at full resolution): final_bn's input, and what forward would normalise and return."""
+        y = self.net[:-1](x)
+        return y, y
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -125,6 +135,17 @@ class ResNet18Encoder(nn.Module):
         y = self.head(self.trunk(x))
         return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
+    @property
+    def final_bn(self) -> nn.BatchNorm2d:
+        return self.head[-1]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, y upsampled): BatchNorm's statistics come from y at 1/8 resolution; its
+        per-channel affine commutes with bilinear upsampling (weights summing to one), so it
+        can be applied to the upsampled tensor instead."""
+        y = self.head[0](self.trunk(x))
+        return y, F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
 
 class UNetEncoder(nn.Module):
     """The UNet trunk projected to P channels at full resolution."""
@@ -137,6 +158,14 @@ class UNetEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
+
+    @property
+    def final_bn(self) -> nn.BatchNorm2d:
+        return self.head[-1]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.head[0](self.trunk(x))
+        return y, y
 
 
 def build_encoder(name: str, dim: int, in_channels: int = 3) -> nn.Module:

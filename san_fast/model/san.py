@@ -16,6 +16,7 @@ from san_fast.data import input_channels
 from san_fast.model.attention import resolve_backend
 from san_fast.model.encoders import build_encoder
 from san_fast.model.generator import MultiHeadGenerator, TokenMatcher, global_batch_mean
+from san_fast.model.sync_batchnorm import batch_affine
 from san_fast.model.variants import build_generator_backbone
 
 
@@ -84,27 +85,56 @@ class SAN(nn.Module):
         gamma, zeta = self.semantics(x)
         return q, gamma, zeta
 
+    def folds_bn(self, device: torch.device, strict: bool = True) -> bool:
+        """Whether the encoder's last BatchNorm runs inside the SEAT op here (cfg.fold_bn: auto =
+        when the Triton implementation runs; `--seat-impl torch` keeps the unfused reference).
+        fold_bn='on' where it cannot fold is an error when `strict`, else unfused: the fold
+        changes speed, not results, so a model trained folded still predicts anywhere."""
+        mode = getattr(self.cfg, "fold_bn", "auto")
+        if mode == "off":
+            return False
+        ends_in_bn = isinstance(getattr(self.encoder, "final_bn", None), nn.modules.batchnorm._BatchNorm)
+        triton = ops.resolve_impl(self.seat_impl, device) == "triton"
+        if strict and mode == "on" and not (ends_in_bn and triton):
+            raise ValueError(f"fold_bn='on' needs the Triton SEAT op (seat_impl {self.seat_impl!r} resolves to "
+                             f"{ops.resolve_impl(self.seat_impl, device)!r} on {device}) and an encoder ending in "
+                             f"BatchNorm ({self.cfg.encoder}: {ends_in_bn})")
+        return ends_in_bn and triton
+
+    def _encode(self, x: torch.Tensor, fold: bool):
+        """(Q, None), or folded: (y, (scale, shift)) with Q = y * scale + shift per channel,
+        the encoder's last BatchNorm in its current mode (its running statistics updated in
+        training, as its forward would)."""
+        if not fold:
+            return self.encoder(x), None
+        y, y_full = self.encoder.features(x)
+        return y_full, batch_affine(self.encoder.final_bn, y)
+
     def losses(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Eq. 9: reconstruction of x from Q and from Theta, plus uniformity of the semantics.
 
         Returns the loss terms (with their weighted sum as "loss") and Q, gamma, which the
         trainer uses to watch for collapse without a second forward pass. Q and gamma come back
         detached: returned attached, a compiled step's backward would allocate a zero gradient
-        the size of Q for them and read it in both BatchNorm backward passes.
+        the size of Q for them and read it in both BatchNorm backward passes. With the encoder's
+        BatchNorm folded into the SEAT op (folds_bn), Q is never written: it comes back as an
+        ops.FoldedQ (y, scale, shift), which ops.seat_labels takes as it takes Q.
         """
-        q, gamma, zeta = self(x)
+        q, affine = self._encode(x, self.cfg.reconstruction and self.folds_bn(x.device))
+        gamma, zeta = self.semantics(x)
         out: dict[str, torch.Tensor] = {}
         if self.cfg.reconstruction:
             out["rec"], out["con"] = ops.seat_reconstruct_loss(
                 q, gamma, self.recon.weight, self.recon.bias, x,
-                consistency_target=self.cfg.consistency_target, impl=self.seat_impl,
+                consistency_target=self.cfg.consistency_target, impl=self.seat_impl, affine=affine,
             )
         else:
             out["align"] = alignment_loss(q, gamma)
         data_terms = sum(out.values())
         out["uni"] = uniformity_loss(zeta)
         out["loss"] = data_terms + self.cfg.uniformity_weight * out["uni"]
-        return out, q.detach(), gamma.detach()
+        monitor_q = q.detach() if affine is None else ops.FoldedQ(q.detach(), *(t.detach() for t in affine))
+        return out, monitor_q, gamma.detach()
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, return_finite: bool = False):
@@ -112,13 +142,16 @@ class SAN(nn.Module):
         `return_finite`, also a bool tensor on the device, False when Q or the semantics hold a
         NaN or inf (an argmax of those would still look like a prediction); it costs one more
         read of Q and no host synchronisation."""
-        q, gamma, _ = self(x)
-        labels = ops.seat_labels(q, gamma, impl=self.seat_impl).view(x.shape[0], *x.shape[-2:])
+        q, affine = self._encode(x, self.folds_bn(x.device, strict=False))
+        gamma, _ = self.semantics(x)
+        labels = ops.seat_labels(q, gamma, impl=self.seat_impl, affine=affine).view(x.shape[0], *x.shape[-2:])
         if not return_finite:
             return labels
         # min and max propagate NaN, so two finite extremes mean every value is finite.
         q_min, q_max = torch.aminmax(q)
         finite = torch.isfinite(q_min) & torch.isfinite(q_max) & torch.isfinite(gamma).all()
+        if affine is not None:
+            finite = finite & torch.isfinite(torch.cat(affine)).all()
         return labels, finite
 
     def segment(self, images, max_side=None, batch_size=8):

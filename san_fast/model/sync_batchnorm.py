@@ -6,6 +6,11 @@ whose training statistics are all-reduced with a differentiable all-reduce
 (torch.distributed.nn.functional.all_reduce; the functional collective under torch.compile), so
 the backward pass also sums the statistics' gradients over ranks, as SyncBatchNorm's does. Two passes (mean, then the centred sum of squares) keep the variance as
 accurate as a single process's. Evaluation uses the running statistics, with no communication.
+
+`batch_affine(bn, y)` gives what a BatchNorm layer would apply to y, as a per-channel
+(scale, shift), with the layer's statistics rules (global under DDP, running statistics updated
+exactly as nn.BatchNorm2d does): the SEAT op then applies it inside its kernels
+(kernels/seat_bn_fold.py) instead of the layer writing its output.
 """
 
 from __future__ import annotations
@@ -19,42 +24,79 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _global_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of xf (B,C,H,W) over every rank's batch, the
+    element count, and xf centred; differentiable (the backward sums over ranks too)."""
+    from san_fast.distributed import differentiable_all_reduce as all_reduce
+
+    channels = xf.shape[1]
+    local_count = torch.full((1,), xf.numel() // channels, dtype=xf.dtype, device=xf.device)
+    totals = all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), local_count]))
+    count = totals[-1]
+    mean = totals[:channels] / count
+    centred = xf - mean.view(1, channels, 1, 1)
+    var = all_reduce(centred.pow(2).sum(dim=(0, 2, 3))) / count
+    return mean, var, count, centred
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                         count: torch.Tensor) -> None:
+    """nn.BatchNorm2d's update from a batch's mean and biased variance over `count` elements."""
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:  # cumulative average, as nn.BatchNorm2d with momentum=None
+        factor = 1.0 / bn.num_batches_tracked.float()
+    else:
+        factor = bn.momentum
+    unbiased = var * count / (count - 1).clamp_min(1)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+
+
+def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), (C,) each, with bn(y) == y * scale + shift per channel, in bn's mode:
+    batch statistics in training (over every rank for GlobalBatchNorm and SyncBatchNorm under
+    DDP) with the running statistics updated as bn's own forward would, running statistics in
+    evaluation. fp32 (fp64 for a float64 y); differentiable in y and bn's parameters."""
+    if y.dim() != 4 or y.shape[1] != bn.num_features:
+        raise ValueError(f"batch_affine: expected y (B,{bn.num_features},H,W) for this BatchNorm, "
+                         f"got {tuple(y.shape)}")
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if bn.training or bn.running_mean is None:
+        yf = y.to(acc)
+        if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
+            mean, var, count, _ = _global_moments(yf)
+        else:
+            var, mean = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
+            count = torch.tensor(float(yf.numel() // yf.shape[1]), dtype=acc, device=y.device)
+        if bn.training and bn.track_running_stats:
+            update_running_stats(bn, mean.detach(), var.detach(), count)
+    else:
+        mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        scale = scale * bn.weight.to(acc)
+        return scale, bn.bias.to(acc) - mean * scale
+    return scale, -mean * scale
+
+
 class GlobalBatchNorm(nn.BatchNorm2d):
     """nn.BatchNorm2d (same parameters, buffers and state dict) with global batch statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats and _distributed()):
             return super().forward(x)
-        from san_fast.distributed import differentiable_all_reduce as all_reduce
-
         if x.dim() != 4:
             raise ValueError(f"GlobalBatchNorm expects (B,C,H,W) input, got shape {tuple(x.shape)}")
         channels = x.shape[1]
-        xf = x.float()
-        local_count = torch.full((1,), x.numel() // channels, dtype=torch.float32, device=x.device)
-        totals = all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), local_count]))
-        count = totals[-1]
-        mean = totals[:channels] / count
-        centred = xf - mean.view(1, channels, 1, 1)
-        var = all_reduce(centred.pow(2).sum(dim=(0, 2, 3))) / count
-        self._update_running_stats(mean.detach(), var.detach(), count.detach())
+        mean, var, count, centred = _global_moments(x.float())
+        update_running_stats(self, mean.detach(), var.detach(), count.detach())
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             out = centred * (scale * self.weight).view(1, channels, 1, 1) + self.bias.view(1, channels, 1, 1)
         else:
             out = centred * scale.view(1, channels, 1, 1)
         return out.to(x.dtype)
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:  # cumulative average, as nn.BatchNorm2d with momentum=None
-            factor = 1.0 / self.num_batches_tracked.float()
-        else:
-            factor = self.momentum
-        unbiased = var * count / (count - 1).clamp_min(1)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
     @classmethod
     def convert(cls, module: nn.Module) -> nn.Module:

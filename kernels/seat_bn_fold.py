@@ -1,0 +1,57 @@
+"""BatchNorm folded into the SEAT op: the kernels read the conv output y, never Q = BN(y).
+
+BN's per-channel affine in a batch (training: batch statistics; evaluation: running ones) is
+q = y s + t, s = weight / sqrt(var + eps), t = bias - mean s. Substituted into the SEAT op
+(seat_reference.py, tau = 1/sqrt(P)):
+
+    logits = tau q Gamma^T        = tau (y (Gamma s)^T + lb),   lb_b = Gamma_b t        (B,N)
+    rec_q  = q W^T + bias         = y (W s)^T + bias',          bias' = bias + r, r = W t (C,)
+    rec_t  = softmax(logits) V + bias  with V = Gamma W^T
+           = softmax(logits) V' + bias',                        V' = V - 1 r^T           (B,N,C)
+
+The last line holds because every attention row sums to one (A 1 r^T = 1 r^T). So the kernels
+run unchanged on (y, Gamma s, W s, V', bias') with the logit bias lb, which the "folded" kernels
+take, and return the gradients of all six (seat_autograd.SeatFoldedFunction): dq of the
+kernels with the scaled operands is already dy (dy = dq s), and dGamma', dW', dV', dlb (the
+column sums of the logits' gradient, from the gradient kernel's range-0 CTAs) reach Gamma, W,
+bias, s and t through the small differentiable torch ops below, whose backward autograd writes.
+s and t come from BN's statistics (san_fast.model.sync_batchnorm.batch_affine), so BN's backward
+becomes the elementwise pass of the mean/variance's own backward: Q is never written, and no
+Q-sized tensor is read for BN's two reductions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def folded_operands(
+    scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Gamma s, W s, V' = Gamma W^T - 1 (W t)^T, bias + W t, lb = Gamma t) in `dtype` (the
+    accumulation dtype), differentiable in every input. gamma (B,N,P), weight (C,P), bias (C,)
+    or None, scale and shift (P,). Small (B,N,P) ops: none touches a Q-sized tensor."""
+    with torch.autocast(device_type=gamma.device.type, enabled=False):
+        s, t = scale.to(dtype), shift.to(dtype)
+        g, w = gamma.to(dtype), weight.to(dtype)
+        r = w @ t
+        values = torch.matmul(g, w.t()) - r
+        bias_folded = r if bias is None else bias.to(dtype) + r
+        return g * s, w * s, values, bias_folded, g @ t
+
+
+def affine_rows_reference(rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The unfused path: Q = y s + t materialised in y's dtype (as BatchNorm writes it),
+    computed in fp32 (fp64 for float64 checks)."""
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    return torch.addcmul(shift.to(acc), rows.to(acc), scale.to(acc)).to(rows.dtype)
+
+
+def labels_operands(scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tensor, dtype: torch.dtype):
+    """(Gamma s, lb = Gamma t): all the labels kernel needs (argmax of the logits)."""
+    with torch.autocast(device_type=gamma.device.type, enabled=False):
+        g = gamma.to(dtype)
+        return g * scale.to(dtype), g @ shift.to(dtype)
