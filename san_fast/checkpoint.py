@@ -29,7 +29,7 @@ import torch
 
 from san_fast.config import Config, ConfigError, config_from_dict
 from san_fast.io_utils import atomic_torch_save
-from san_fast.run_folder import RUN_CONTROL_FIELDS
+from san_fast.run_folder import differing_settings
 
 CHECKPOINT_FORMAT = 1
 
@@ -91,10 +91,10 @@ def config_from_checkpoint(state: dict[str, Any]) -> Config:
 
 def check_compatible(cfg: Config, state: dict[str, Any], path: str) -> None:
     """One line naming every field where `cfg` and the checkpoint's config differ, unless the
-    field only controls the run (RUN_CONTROL_FIELDS)."""
+    field only controls the run (run_folder.RUN_CONTROL_FIELDS)."""
     saved = config_from_checkpoint(state).to_dict()
     mine = cfg.to_dict()
-    differ = [k for k in mine if k not in RUN_CONTROL_FIELDS and saved.get(k) != mine[k]]
+    differ = differing_settings(mine, saved)
     if differ:
         fields = ", ".join(f"{k} {saved.get(k)!r} (this run: {mine[k]!r})" for k in differ)
         raise CheckpointError(f"--resume {path} was trained with other settings: {fields}")

@@ -28,6 +28,13 @@ RUN_CONTROL_FIELDS = frozenset({
     "num_workers", "device", "num_vis", "baseline", "logger", "data_root", "data_cache", "compile",
     "channels_last", "attn", "seat_impl", "fold_bn", "amp", "preset",
 })
+
+
+def differing_settings(a: dict, b: dict) -> list[str]:
+    """Fields of config dict `a` whose value in `b` differs, run-control fields left out."""
+    return [k for k, v in a.items() if k not in RUN_CONTROL_FIELDS and b.get(k) != v]
+
+
 METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"  # folder of TensorBoard event files (san_fast.logger)
 # Files (and the TensorBoard folder) a run writes; --overwrite removes them so no result of the
@@ -84,7 +91,7 @@ class RunFolder:
         except (OSError, ValueError):
             return f"it has no readable {CONFIG}"
         resumed = json.loads(json.dumps(self.resume_config))  # as config.json holds it (tuples as lists)
-        differ = sorted(k for k, v in resumed.items() if k not in RUN_CONTROL_FIELDS and held.get(k) != v)
+        differ = sorted(differing_settings(resumed, held))
         return f"its {CONFIG} differs in {', '.join(differ)}" if differ else None
 
     def check_not_in_use(self) -> None:

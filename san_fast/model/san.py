@@ -94,10 +94,11 @@ class SAN(nn.Module):
         if mode == "off":
             return False
         ends_in_bn = isinstance(getattr(self.encoder, "final_bn", None), nn.modules.batchnorm._BatchNorm)
-        triton = ops.resolve_impl(self.seat_impl, device) == "triton"
+        impl = ops.resolve_impl(self.seat_impl, device)
+        triton = impl == "triton"
         if strict and mode == "on" and not (ends_in_bn and triton):
             raise ValueError(f"fold_bn='on' needs the Triton SEAT op (seat_impl {self.seat_impl!r} resolves to "
-                             f"{ops.resolve_impl(self.seat_impl, device)!r} on {device}) and an encoder ending in "
+                             f"{impl!r} on {device}) and an encoder ending in "
                              f"BatchNorm ({self.cfg.encoder}: {ends_in_bn})")
         return ends_in_bn and triton
 
