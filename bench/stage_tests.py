@@ -26,7 +26,7 @@ SUMMARY = re.compile(r"^(FAILED|ERROR) (tests/\S+)(?: - (.*))?$")
 
 def pytest_argv(dry_run: bool, workers: int) -> list[str]:
     # A test file that fails to import must not stop the others: one GPU call has to see them all.
-    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "-p", "no:cacheprovider",
+    argv = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider",
             "--benchmark-disable", "--color=no", "--continue-on-collection-errors"]
     if importlib.util.find_spec("xdist") is not None and workers > 1:
         argv += ["-n", str(workers)]
@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     report.set(command=" ".join(cmd[1:]))
     lines: list[str] = []
     limit = None if args.budget is None else max(5.0, args.budget - 5)
+    # Wide lines: pytest cuts each failure's reason in the summary to the terminal's width.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=dict(os.environ, COLUMNS="300"))
     timed_out = False
     try:
         out, _ = proc.communicate(timeout=limit)
@@ -76,7 +77,9 @@ def main(argv=None) -> int:
         out, _ = proc.communicate()
         lines = (out or "").splitlines()
         timed_out = True
-    sys.stdout.write("\n".join(lines[-40:]) + "\n")
+    # All of it, tracebacks included, goes to the GPU check's log: a failure on a lent GPU must be
+    # fixable without a second call to see why it failed.
+    sys.stdout.write("\n".join(lines) + "\n")
     counts, failures = parse(lines)
     report.set(counts=counts, failures=failures, exit_code=proc.returncode, tail=lines[-15:])
     if timed_out:

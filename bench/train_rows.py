@@ -128,10 +128,11 @@ def target_line(rows: dict[str, dict]) -> dict:
             "busy_met": None if busy is None else busy >= TARGET_BUSY}
 
 
-def measure(report: StageReport, dry_run: bool, steps: int, workers: int, out_dir: Path) -> None:
+def measure(report: StageReport, dry_run: bool, steps: int, workers: int, out_dir: Path,
+            only: Optional[list[str]] = None) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     rows: dict[str, dict] = {}
-    names = list(DRY_ROWS if dry_run else ROWS)
+    names = [r for r in (DRY_ROWS if dry_run else ROWS) if not only or r in only]
     if dry_run:
         report.note(f"dry run: rows {', '.join(DRY_ROWS)} only, tiny, fp32, (d) without --compile")
     for i, row in enumerate(names):
@@ -174,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="--max-steps of each row (default 40 on a GPU, 2 dry)")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--out", default=None, help="folder for the rows' run folders (default: a temporary one)")
+    p.add_argument("--rows", default=None, help="comma-separated rows to run (default all: a,b,c,d)")
     p.add_argument("--model-only", action="store_true", help="the step model's floor per row, no training")
     p.add_argument("--copy-gbps", type=float, default=None, help="measured copy bandwidth for the model")
     args = p.parse_args(argv)
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="san_rows_") as tmp:
         run_dir = Path(args.out) if args.out else Path(tmp)
         run_dir.mkdir(parents=True, exist_ok=True)
-        measure(report, dry_run, steps, args.num_workers, run_dir)
+        measure(report, dry_run, steps, args.num_workers, run_dir, args.rows.split(",") if args.rows else None)
     bad = [r for r in report.data["rows"] if r.get("status") not in ("ok",)]
     report.finish("ok" if not bad else "partial")
     return 0

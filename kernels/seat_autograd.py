@@ -112,8 +112,9 @@ def seat_backward_folded_op(
         MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad_rec_q, grad_rec_t=grad_rec_t,
         values=values, logit_bias=logit_bias,
     )
-    # Views of one workspace: custom-op outputs may not alias each other.
-    return dq, d_gamma.contiguous(), d_weight, s.contiguous(), d_lb.contiguous()
+    # Views of one workspace: custom-op outputs may not alias each other, and at B = 1 (a DDP
+    # rank's share, say) each view is already contiguous, so only a copy separates them.
+    return dq, d_gamma.clone(), d_weight, s.clone(), d_lb.clone()
 
 
 @seat_backward_folded_op.register_fake

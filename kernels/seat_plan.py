@@ -17,8 +17,9 @@ The gradient kernel (seat_backward.py) runs a persistent, lockstep grid (K, T):
   (T + B - 1 slots): runs are contiguous, so (c, b) pairs along them have distinct c + b.
   reduce_slots_kernel sums each image's slots in a fixed order: deterministic, no atomics.
 
-K * T is at most the SM count (one CTA per SM: the kernel runs near 255 registers per thread),
-and T is the same for every range so that the K CTAs sharing rows stay in step.
+K * T is at most the SM count times CTAS_PER_SM (the backward's 4-warp configs fit two CTAs per
+SM; the fused loss runs near 255 registers per thread, one CTA per SM), and T is the same for
+every range so that the K CTAs sharing rows stay in step.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ LOSS_MODES = (MODE_LOSS_IMAGE, MODE_LOSS_REC_Q)
 # shrinks as N grows. From offline compiles (compile_report.py): spill-free for bf16 on sm80 and
 # sm90 up to N = 128 (at N = 256 on sm90 only), two per bucket to keep GPU test compiles few.
 FORWARD_TRIPLES = {
-    32: [(128, 64, 8, 3), (64, 128, 4, 3)],
+    32: [(64, 64, 4, 3), (64, 128, 8, 4)],  # measured on an H200: 0.22 ms vs 0.24-0.58 before
     64: [(64, 128, 8, 3), (128, 64, 8, 3)],
     128: [(32, 64, 8, 3), (64, 64, 8, 3)],
     256: [(64, 32, 8, 2), (32, 64, 8, 3)],
@@ -59,9 +60,12 @@ GRAD_TILES = {
 }
 # Autotuned at run time (they change no byte the kernel moves): the dQ sub-tile width
 # BLOCK_PD, and for the fused loss the pass-1 chunk BLOCK_P; warps, stages.
+# Backward, N <= 32, measured on an H200 (bench/seat_sweep.py, bench/results/nvidia-h200-2026-11-26):
+# 4 warps with two CTAs per SM 0.82 ms, 8 warps with one 1.20 ms; the other buckets keep an
+# 8-warp candidate beside the 4-warp one until a sweep measures them.
 GRAD_TUNE = {
-    "backward": {32: [(64, 8, 2), (64, 8, 3)], 64: [(64, 8, 2), (16, 8, 2)], 128: [(64, 8, 2), (32, 8, 2)],
-                 256: [(32, 8, 2), (64, 8, 2)]},
+    "backward": {32: [(64, 4, 2), (64, 8, 2)], 64: [(64, 4, 2), (64, 8, 2)], 128: [(64, 4, 2), (32, 8, 2)],
+                 256: [(32, 4, 2), (32, 8, 2)]},
     "loss": {32: [(32, 64, 8, 2), (32, 64, 8, 3)], 64: [(32, 64, 8, 2)],
              128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
 }
@@ -71,6 +75,8 @@ INTERPRETER_FORWARD = (64, 64, 4, 1)
 INTERPRETER_GRAD_TILE = (64, 64)
 INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1)}
 INTERPRETER_SMS = 4
+# Resident CTAs per SM the grid is sized for (module docstring).
+CTAS_PER_SM = {"backward": 2, "loss": 1}
 REDUCE_BLOCK = 1024
 # Problems of at least FILL_ROWS rows get a plan with a CTA per SM when one is modeled within
 # FILL_SLACK of the fastest plan (issue 8's "grids that fill the GPU").
@@ -223,7 +229,7 @@ def grad_plan_candidates(
             else:
                 # One CTA per SM, or (small problems, where each CTA's partial sums would
                 # outweigh its rows) halvings of it.
-                runs = [max(1, sms // k)]
+                runs = [max(1, sms * CTAS_PER_SM[grad_kind(mode)] // k)]
                 while runs[-1] > 1:
                     runs.append(runs[-1] // 2)
             for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):

@@ -1,5 +1,6 @@
 """The SEAT kernels compile for sm70 (fp16, fp32), sm80 (bf16, fp32) and sm90 (bf16; fp64, the
-gradcheck path) without a GPU, and the chosen bf16 configs do not spill up to N = 64.
+gradcheck path) without a GPU, and the chosen bf16 configs do not spill up to N = 64 beyond the
+known, measured spills listed below.
 
 Runs `python -m san_fast.kernels.compile_report` in a subprocess: the kernels in this pytest
 process are interpreted (TRITON_INTERPRET=1, set by conftest.py) and cannot be compiled.
@@ -57,8 +58,14 @@ def test_every_kernel_compiles_for_arch(tmp_path, arch, dtypes):
 # its step-2 accumulators do not fit in 255 registers at any range width tried; on sm90 its rec_q
 # mode at N = 64 spills too (36 B under triton 3.9, 116 B under 3.6). kernels/README.md. The
 # launcher's model picks the two-pass design at P = 1024; the fused loss runs for small P only.
+# The backward's 4-warp candidate (two CTAs per SM) runs at 255 registers and spills a little
+# (44 B on sm90 at N = 27, 92 B at N = 64): measured on an H200 at the paper shape it is 1.47x
+# faster than the spill-free 8-warp one (bench/results/nvidia-h200-2026-11-26), and the
+# autotuner times both on the GPU it runs on.
 KNOWN_SPILLS = {("loss_image", 80, 27): 40, ("loss_image", 80, 64): 192, ("loss_rec_q", 80, 27): 128,
-                ("loss_rec_q", 80, 64): 440, ("loss_rec_q", 90, 64): 120}
+                ("loss_rec_q", 80, 64): 440, ("loss_rec_q", 90, 64): 120,
+                ("backward", 90, 27): 48, ("backward", 90, 64): 96, ("backward", 80, 27): 48,
+                ("backward", 80, 64): 160}
 
 
 def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):

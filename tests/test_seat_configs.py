@@ -282,10 +282,11 @@ def test_paper_shape_gpu(kernel):
 
 @_gpu
 def test_int64_offsets_gpu():
-    """NCHW q with M*P >= 2^31 elements: p0 * stride_p and the tile offsets need 64 bits."""
-    B, P, side, N, C = 1, 512, 2048, 6, 3
+    """NCHW q with M*P > 2^31 elements: p0 * stride_p and the tile offsets need 64 bits (at
+    exactly 2^31 the last offset, 2^31 - 1, still fits in 32)."""
+    B, P, side, N, C = 1, 520, 2048, 6, 3
     q = torch.randn(B, P, side * side, device=DEVICE, dtype=torch.bfloat16).transpose(1, 2)
-    assert q.shape[1] * q.shape[2] >= 2**31 and seat_common.wide_offsets(q)
+    assert q.shape[1] * q.shape[2] > 2**31 and seat_common.wide_offsets(q)
     gamma = torch.randn(B, N, P, device=DEVICE)
     weight = torch.randn(C, P, device=DEVICE) / math.sqrt(P)
     rec_q, _, attn = seat_forward(q, gamma, weight, None, save_attn=True)

@@ -58,9 +58,10 @@ def _inputs(seed=0, dtype=torch.float32):
     return [t.requires_grad_() for t in (q, gamma, weight, bias)] + [x]
 
 
-def every_op(dtype=torch.float32):
-    """Forward and backward of each op, as a training step would run them."""
-    q, gamma, weight, bias, x = _inputs(dtype=dtype)
+def every_op(dtype=torch.float32, inputs=None):
+    """Forward and backward of each op, as a training step would run them (on `inputs`, made
+    beforehand where making them would be the synchronisation a check sees)."""
+    q, gamma, weight, bias, x = inputs if inputs is not None else _inputs(dtype=dtype)
     rec_q, rec_t = ops.seat_reconstruct(q, gamma, weight, bias, impl="triton")
     torch.autograd.backward((rec_q, rec_t), (torch.ones_like(rec_q), torch.ones_like(rec_t)))
     for design in ("fused", "two_pass"):
@@ -111,9 +112,10 @@ def test_no_host_read_compiled():
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_no_sync_on_gpu(dtype):
     every_op(dtype)  # warm-up: autotuning and compiling synchronize on purpose
+    inputs = _inputs(seed=1, dtype=dtype)  # copied from the host: a synchronisation of the test's own
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        every_op(dtype)
+        every_op(dtype, inputs)
     finally:
         torch.cuda.set_sync_debug_mode("default")

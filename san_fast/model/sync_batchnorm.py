@@ -39,18 +39,61 @@ def _global_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return mean, var, count, centred
 
 
+@torch.library.custom_op("san_fast::channel_moments", mutates_args=())
+def channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of y (B,C,H,W) over (B,H,W).
+
+    An opaque op so that inductor cannot fuse the reduction with what batch_affine computes from
+    it: that fusion (var_mean, then rsqrt, scale, shift and the running statistics, stored from
+    one kernel) made triton 3.6 fail to compile it on an H200 ("operand does not dominate this
+    use" in TritonGPURemoveLayoutConversions; bench/results/nvidia-h200-2026-11-26). The
+    reduction reads y once either way; what follows it is (C,)-sized."""
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+@channel_moments.register_fake
+def _(y):
+    return y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
+
+
+def _moments_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], output[0])
+
+
+def _moments_backward(ctx, grad_mean, grad_var):
+    y, mean = ctx.saved_tensors
+    count = y.numel() // y.shape[1]
+    shape = (1, -1, 1, 1)
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+    return (y - mean.view(shape)) * (grad_var * (2.0 / count)).view(shape) + (grad_mean / count).view(shape)
+
+
+channel_moments.register_autograd(_moments_backward, setup_context=_moments_setup)
+
+
 @torch.no_grad()
 def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
-                         count: torch.Tensor) -> None:
-    """nn.BatchNorm2d's update from a batch's mean and biased variance over `count` elements."""
+                         count) -> None:
+    """nn.BatchNorm2d's update from a batch's mean and biased variance over `count` elements
+    (a Python number, or a tensor when the count comes from an all-reduce).
+
+    Written as inductor's own BatchNorm decomposition writes it (Python-scalar factors, mul_ and
+    add_): the same update with lerp_ and a tensor count, fused by inductor into the var_mean
+    reduction, made triton 3.6 fail to compile that kernel on an H200 (PassManager::run failed
+    in make_ttgir; bench/results/nvidia-h200-2026-11-26)."""
     bn.num_batches_tracked.add_(1)
     if bn.momentum is None:  # cumulative average, as nn.BatchNorm2d with momentum=None
         factor = 1.0 / bn.num_batches_tracked.float()
     else:
         factor = bn.momentum
-    unbiased = var * count / (count - 1).clamp_min(1)
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
-    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+    if isinstance(count, torch.Tensor):
+        unbiased = var * count / (count - 1).clamp_min(1)
+    else:
+        unbiased = var * (count / max(count - 1, 1))
+    for running, batch in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+        running.mul_(1 - factor).add_(batch.to(running.dtype) * factor)
 
 
 def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +110,8 @@ def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[
         if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
             mean, var, count, _ = _global_moments(yf)
         else:
-            var, mean = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
-            count = torch.tensor(float(yf.numel() // yf.shape[1]), dtype=acc, device=y.device)
+            mean, var = channel_moments(yf)
+            count = yf.numel() // yf.shape[1]
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean.detach(), var.detach(), count)
     else:

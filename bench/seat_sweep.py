@@ -1,0 +1,159 @@
+"""Measured tile sweep of the SEAT kernels on a GPU: every (tile, warps, stages, grid) candidate
+timed at one shape, beside what the traffic model says, so the planner's tables
+(kernels/seat_plan.py: FORWARD_TRIPLES, GRAD_TILES, GRAD_TUNE) come from measurements.
+
+    python -m bench.seat_sweep [--shapes paper,n64] [--budget S] [--json PATH]
+
+Per gradient candidate: BLOCK_M x BLOCK_P2 tile, P range = BLOCK_P2 (K ranges), T runs per
+range (one CTA per SM, and 2x, 4x that), num_warps and num_stages; the row-block iterations
+each CTA runs and the microseconds per iteration, which is what the traffic model does not
+see (a CTA per SM runs its row blocks one after another). Forward candidates likewise.
+GPU only: the interpreter's timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import triton
+
+from bench.seat_measure import PAPER, make_inputs, sweep_shapes
+from bench.timing import time_ms
+from san_fast.io_utils import atomic_write_json
+from san_fast.kernels import seat_common as common
+from san_fast.kernels import seat_plan, traffic
+from san_fast.kernels.seat_backward import launch_grad
+from san_fast.kernels.seat_forward import seat_forward
+
+DEVICE = torch.device("cuda")
+GRAD_TILES = [(64, 128), (32, 128), (128, 64), (64, 64), (32, 64), (16, 128), (16, 64), (128, 32)]
+WARPS_STAGES = [(8, 2), (4, 2), (8, 3), (4, 3)]
+FORWARD = [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
+           (256, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3), (128, 32, 4, 4), (64, 128, 8, 4)]
+
+
+def _time(fn) -> float:
+    return time_ms(fn, DEVICE, warmup_ms=5, rep_ms=25)["ms"]
+
+
+def sweep_grad(shape, deadline: float, rows: list) -> None:
+    q4, gamma, weight, bias, _, (g1, g2) = make_inputs(shape, DEVICE)
+    q = q4.detach().flatten(2).transpose(1, 2)
+    w = weight.detach().flatten(1)
+    _, _, attn = seat_forward(q, gamma.detach(), w, bias.detach(), save_attn=True)
+    spec = seat_plan.device_spec(q.device)
+    chosen = seat_plan.grad_plan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype, spec)
+    for bm, p2 in GRAD_TILES:
+        k = triton.cdiv(shape.P, p2)
+        base = max(1, spec.sms // k)
+        for warps, stages in WARPS_STAGES:
+            for t in sorted({base, 2 * base, 4 * base}):
+                if time.monotonic() > deadline:
+                    return
+                plan = seat_plan.GradPlan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C,
+                                          bm, p2, p2, t)
+                cfg = triton.Config({"BLOCK_P": 16, "BLOCK_PD": min(64, p2)}, num_warps=warps, num_stages=stages)
+                row = {"kind": "grad", "block_m": bm, "block_p2": p2, "k": k, "t": t, "warps": warps,
+                       "stages": stages, "ctas": k * t, "iters_per_cta": triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)}
+                try:
+                    def run():
+                        return launch_grad(seat_plan.MODE_GRADS, q, gamma.detach(), w, bias.detach(), attn=attn,
+                                           grad_rec_q=g1, grad_rec_t=g2, plan=plan, config=cfg)
+                    run()
+                    row["ms"] = _time(run)
+                    row["us_per_iter"] = 1e3 * row["ms"] / row["iters_per_cta"]
+                    row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
+                except Exception as exc:  # a tile that does not compile here is a row, not a stop
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                row["chosen_now"] = plan == chosen and (warps, stages) in [(c.num_warps, c.num_stages) for c in
+                                                                          seat_plan.grad_configs(0, common.block_n(shape.N), p2)]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+
+def sweep_forward(shape, deadline: float, rows: list) -> None:
+    q4, gamma, weight, bias, _, _ = make_inputs(shape, DEVICE)
+    q = q4.detach().flatten(2).transpose(1, 2)
+    w = weight.detach().flatten(1)
+    for bm, bp, warps, stages in FORWARD:
+        if time.monotonic() > deadline:
+            return
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_P": bp}, num_warps=warps, num_stages=stages)
+        row = {"kind": "forward", "block_m": bm, "block_p": bp, "warps": warps, "stages": stages}
+        for save in (False, True):
+            try:
+                def run():
+                    return seat_forward(q, gamma.detach(), w, bias.detach(), save_attn=save, config=cfg)
+                run()
+                row["ms_save_attn" if save else "ms"] = _time(run)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def profile_op(shape) -> None:
+    """Kernel times of the op's forward + backward as the model calls it (torch.profiler)."""
+    from san_fast import ops
+
+    q, gamma, weight, bias, _, (g1, g2) = make_inputs(shape, DEVICE)
+
+    def step():
+        rec_q, rec_t = ops.seat_reconstruct(q, gamma, weight, bias, impl="triton")
+        torch.autograd.backward((rec_q, rec_t), (g1, g2))
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        step()
+    host_ms = (time.perf_counter() - t0) * 100
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 100
+    print(f"[profile] host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step (no L2 flush)")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="paper")
+    p.add_argument("--budget", type=float, default=120.0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--kinds", default="profile,grad,forward")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("seat_sweep: needs a CUDA GPU (interpreter timings mean nothing)")
+        return 2
+    shapes = {"paper": PAPER, **sweep_shapes()}
+    names = args.shapes.split(",")
+    start = time.monotonic()
+    out = {"gpu": torch.cuda.get_device_name(), "rows": {}}
+    for i, name in enumerate(names):
+        share = (args.budget - (time.monotonic() - start)) / (len(names) - i)
+        deadline = time.monotonic() + share
+        rows: list = []
+        out["rows"][name] = rows
+        kinds = args.kinds.split(",")
+        if "profile" in kinds:
+            profile_op(shapes[name])
+        if "grad" in kinds:
+            sweep_grad(shapes[name], deadline - (0.3 * share if "forward" in kinds else 0), rows)
+        if "forward" in kinds:
+            sweep_forward(shapes[name], deadline, rows)
+        if args.json:
+            atomic_write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
