@@ -65,19 +65,21 @@ def seat(results: dict) -> list[str]:
     rows = []
     for x in r["rows"]:
         if x.get("status") != "ok":
-            rows.append([x.get("shape_name"), x.get("variant"), x.get("mode")] + ["-"] * 9 + [x.get("status")])
+            rows.append([x.get("shape_name"), x.get("variant"), x.get("mode")] + ["-"] * 10 + [x.get("status")])
             continue
         target = "-" if "target_ms" not in x else f"{x['target_ms']} ({_f(x['target_met'])})"
         extra_t = "-" if "extra_met" not in x else f"<= 0.05 ({_f(x['extra_met'])})"
-        rows.append([x["shape_name"], x["variant"], x["mode"], _f(x["ms"], ".3f"), target,
+        kernel = _f(x.get("kernel_ms"), ".3f") + (" (host-bound)" if x.get("host_bound") else "")
+        rows.append([x["shape_name"], x["variant"], x["mode"], _f(x["ms"], ".3f"), kernel, target,
                      _f((x.get("floor_bytes") or 0) / 1e6 or None, ".1f"),
                      _f((x.get("modeled_bytes") or 0) / 1e6 or None, ".1f"),
                      _f(x.get("gbps_floor"), ".0f"), _f(x.get("gbps_modeled"), ".0f"),
                      _f(x.get("of_copy_bw_floor")), _f(x.get("extra_beyond_outputs_of_q"), ".3f"), extra_t, "ok"])
-    head = ["shape", "variant", "mode", "ms", "target ms", "floor MB", "model MB", "GB/s floor", "GB/s model",
+    head = ["shape", "variant", "mode", "ms", "GPU ms", "target ms", "floor MB", "model MB", "GB/s floor", "GB/s model",
             "of copy bw", "extra/Q", "extra target", "status"]
     return ["## SEAT op", "", f"Copy bandwidth {_f(r.get('copy_gbps'), '.0f')} GB/s (read + write). Times: median of "
-            "CUDA-event timings, L2 flushed before each run. extra/Q: peak memory beyond the inputs and the dQ the "
+            "CUDA-event timings, L2 flushed before each run; GPU ms: the device's own work per run (torch.profiler), "
+            "host-bound where it is under 0.8 of ms (the GPU waited for the host to issue launches). extra/Q: peak memory beyond the inputs and the dQ the "
             "op returns, over Q's bytes. Targets are the H100's.", ""] + _table(head, rows)
 
 
@@ -134,9 +136,16 @@ def profile(results: dict) -> list[str]:
         return []
     rows = [[_f(x["ms_per_step"], ".3f"), _f(x["share"] * 100 if x.get("share") is not None else None, ".1f"),
              _f(x["calls_per_step"], ".1f"), x["kernel"][:90].replace("|", "/")] for x in r["rows"]]
-    return ["## Profile of compiled training steps (top kernels)", "",
-            f"{_f(r.get('wall_ms_per_step'))} ms per step (wall), {_f(r.get('kernel_ms_per_step'))} ms in kernels.",
-            ""] + _table(["ms/step", "% of kernel time", "calls/step", "kernel"], rows)
+    lines = ["## Profile of compiled training steps (top kernels)", "",
+             f"{_f(r.get('unprofiled_ms_per_step'))} ms per step unprofiled ({_f(r.get('wall_ms_per_step'))} under the "
+             f"profiler), {_f(r.get('kernel_ms_per_step'))} ms in kernels; per step {_f(r.get('launches_per_step'), '.0f')} "
+             f"kernel launches, {_f(r.get('syncs_per_step'), '.1f')} host waits for the GPU.", ""]
+    lines += _table(["ms/step", "% of kernel time", "calls/step", "kernel"], rows)
+    host = [[_f(x["self_cpu_ms_per_step"], ".3f"), _f(x["calls_per_step"], ".1f"), x["op"][:90].replace("|", "/")]
+            for x in r.get("host_top", [])]
+    if host:
+        lines += ["Host: top operators by their own CPU time.", ""] + _table(["CPU ms/step", "calls/step", "operator"], host)
+    return lines
 
 
 def markdown(results: dict) -> str:

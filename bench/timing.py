@@ -42,6 +42,29 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
             "runs": len(times), "method": method}
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, runs: int = 5) -> Optional[float]:
+    """Milliseconds of GPU work (kernels, copies, fills) per run of `fn`, from torch.profiler's
+    device records (CUDA only). time_ms's events also count the GPU waiting for the host to issue
+    launches: where this figure is well below time_ms's, the case is bound by the host."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize(device)
+    total_us = 0.0
+    for evt in prof.key_averages():
+        for name in ("self_device_time_total", "self_cuda_time_total"):
+            value = getattr(evt, name, None)
+            if value is not None:
+                total_us += float(value)
+                break
+    return total_us / runs / 1e3
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
     nbytes = COPY_BYTES[device.type]
