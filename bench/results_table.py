@@ -103,7 +103,9 @@ def training(results: dict) -> list[str]:
     t = r.get("target", {})
     target = (f"Target: (d) >= {t.get('target_speedup')}x (a): {_f(t.get('speedup_d_over_a'), '.1f')}x "
               f"({_f(t.get('speedup_met'))}); GPU busy >= {t.get('target_busy_percent')}% in (d): "
-              f"{_f(t.get('busy_d_percent'), '.0f')}% ({_f(t.get('busy_met'))})") if t else ""
+              f"{_f(t.get('busy_d_percent'), '.0f')}% ({_f(t.get('busy_met'))})"
+              + (f"; (e) {_f(t.get('speedup_e_over_a'), '.1f')}x (a), busy {_f(t.get('busy_e_percent'), '.0f')}%"
+                 if t.get("speedup_e_over_a") is not None else "")) if t else ""
     copy = next((x.get("copy_gbps") for x in m.get("rows", []) if x.get("copy_gbps")), None)
     basis = f"the step model on the H100 table's rates with the measured copy bandwidth {copy:.0f} GB/s" if copy \
         else "the step model on the H100 table's rates"

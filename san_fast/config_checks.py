@@ -7,15 +7,16 @@ import math
 import os
 from typing import Any
 
-from san_fast.config import (AMP_MODES, ATTN_BACKENDS, DATASETS, ENCODERS, EVAL_PROTOCOLS, EVAL_SPLITS,
-                             FOLD_BN, GENERATORS, LOGGERS, OVERCLUSTER, POTSDAM_BANDS, SEAT_IMPLS, TRAIN_CROPS,
-                             VIT_NORMS, Config, ConfigError)
+from san_fast.config import (AMP_MODES, ATTN_BACKENDS, COMPILE_MODES, DATASETS, ENCODERS, EVAL_PROTOCOLS,
+                             EVAL_SPLITS, FOLD_BN, GENERATORS, LOGGERS, OVERCLUSTER, POTSDAM_BANDS, SEAT_IMPLS,
+                             TRAIN_CROPS, VIT_NORMS, Config, ConfigError)
 
 _CHOICES = {
     "dataset": DATASETS, "encoder": ENCODERS, "attn": ATTN_BACKENDS, "seat_impl": SEAT_IMPLS, "fold_bn": FOLD_BN,
     "amp": AMP_MODES, "eval_protocol": EVAL_PROTOCOLS, "consistency_target": ("image", "rec_q"),
     "train_crop": TRAIN_CROPS, "potsdam_bands": POTSDAM_BANDS, "eval_split": EVAL_SPLITS,
     "overcluster": OVERCLUSTER, "generator": GENERATORS, "vit_norm": VIT_NORMS, "logger": LOGGERS,
+    "compile_mode": COMPILE_MODES,
 }
 # Integer fields and their lowest allowed value (embed_dim and N are checked against the SEAT op).
 _INT_AT_LEAST = {
@@ -77,6 +78,8 @@ def validate(cfg: Config) -> None:
             f"--dataset {cfg.dataset} reads files from disk: pass --data-root DIR "
             "(README.md, section Datasets, shows the expected layout)"
         )
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue a run or start afresh")
 

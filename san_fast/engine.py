@@ -159,7 +159,7 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
                                           num_vis=cfg.num_vis)
     train = {"steps": trainer.progress.step, **trainer.clock.summary(trainer.images),
              "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"), "attention": backend,
-             "compile": cfg.compile, "optimizer": "adam-fused" if step.fused else "adam-foreach",
+             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None, "optimizer": "adam-fused" if step.fused else "adam-foreach",
              "distributed": record}
     result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),
               "protocol": protocol_description(cfg), "san": scores, "train": train,
@@ -191,7 +191,8 @@ def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: st
             f"SAN {params / 1e6:.2f}M params, P={cfg.embed_dim}, N={cfg.semantics()}, encoder {cfg.encoder}, "
             f"generator {cfg.generator}{f'-{cfg.vit_depth}' if cfg.generator == 'vit' else ''} | device "
             f"{runtime.device}, amp {runtime.amp_dtype or 'off'}, attention "
-            f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, compile {cfg.compile}, "
+            f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, "
+            f"compile {cfg.compile_mode if cfg.compile else 'off'}, "
             f"Adam {fused} | {procs} | run folder {cfg.out}")
 
 

@@ -26,7 +26,7 @@ CONFIG = "config.json"
 RUN_CONTROL_FIELDS = frozenset({
     "epochs", "max_steps", "eval_every", "save_every", "log_every", "out", "resume", "overwrite",
     "num_workers", "device", "num_vis", "baseline", "logger", "data_root", "data_cache", "compile",
-    "channels_last", "attn", "seat_impl", "fold_bn", "amp", "preset",
+    "compile_mode", "channels_last", "attn", "seat_impl", "fold_bn", "amp", "preset",
 })
 
 

@@ -45,7 +45,9 @@ def wrap_objective(model: SAN, cfg: Config, env: DistEnv) -> nn.Module:
         objective = DistributedDataParallel(
             objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             find_unused_parameters=not cfg.reconstruction, **no_sync)
-    return torch.compile(objective) if cfg.compile else objective
+    if not cfg.compile:
+        return objective
+    return torch.compile(objective, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
 def build_optimizer(model: nn.Module, cfg: Config, announce: bool = True) -> torch.optim.Adam:
@@ -134,6 +136,9 @@ class TrainStep:
         """Train on one batch (`step` is its 1-based number); with `monitor`, also return the
         (N,) wins of each semantic on it (on the device)."""
         cfg = self.cfg
+        if cfg.compile and cfg.compile_mode == "reduce-overhead":
+            # CUDA graphs reuse their output buffers: this step's outputs are new from here on.
+            torch.compiler.cudagraph_mark_step_begin()
         x = self.runtime.prepare(images, cfg.color_jitter, cfg.color_drop)
         with self.runtime.autocast():
             terms, q, gamma = self.objective(x)

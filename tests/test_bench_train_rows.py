@@ -37,3 +37,12 @@ def test_target_line():
     line = train_rows.target_line({"a": {"step_ms": 100.0}, "d": {"step_ms": 40.0, "gpu_busy_percent": None}})
     assert line["speedup_met"] is False and line["busy_met"] is None
     assert train_rows.target_line({})["speedup_d_over_a"] is None
+
+
+def test_cuda_graph_row_is_the_compiled_row_plus_its_mode():
+    d, e = train_rows.row_flags("d", False), train_rows.row_flags("e", False)
+    assert e[: len(d)] == d and e[len(d):] == ["--compile-mode", "reduce-overhead"]
+    dry = train_rows.row_flags("e", True)  # the CPU dry run compiles nothing
+    assert "--compile" not in dry and "--compile-mode" not in dry
+    line = train_rows.target_line({"a": {"step_ms": 100.0}, "e": {"step_ms": 20.0, "gpu_busy_percent": 80.0}})
+    assert line["speedup_e_over_a"] == pytest.approx(5.0) and line["busy_e_percent"] == 80.0

@@ -86,3 +86,13 @@ def test_parser_errors_are_one_line(capsys):
         build_parser().parse_args(["--epochs", "x"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "train.py: error: argument --epochs: invalid int value: 'x' (see --help)\n"
+
+
+def test_compile_mode_flag_and_its_check():
+    cfg = resolve({"compile": True, "compile_mode": "reduce-overhead"})
+    assert cfg.compile_mode == "reduce-overhead"
+    assert resolve({}).compile_mode == "default"
+    with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
+        resolve({"compile_mode": "reduce-overhead"})
+    with pytest.raises(ValueError, match="--compile-mode 'fast': expected one of default, reduce-overhead"):
+        resolve({"compile": True, "compile_mode": "fast"})

@@ -223,3 +223,23 @@ def test_no_device_synchronisation_inside_steps_on_cuda(tmp_path):
             step(images, k, monitor=k == 4)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(monkeypatch):
+    """--compile-mode goes to torch.compile as its mode; under reduce-overhead each step first
+    tells the CUDA-graph trees that a new step begins (their outputs get reused)."""
+    from san_fast import train_step as module
+
+    seen, marks = [], []
+    monkeypatch.setattr(module.torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    monkeypatch.setattr(module.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    for mode, expected in (("default", None), ("reduce-overhead", "reduce-overhead")):
+        cfg = tiny(compile=True, compile_mode=mode)
+        model = SAN(cfg)
+        objective = module.wrap_objective(model, cfg, DistEnv())
+        assert seen[-1] == {"mode": expected}
+        runtime = build_runtime(cfg)
+        step = TrainStep(objective, model, build_optimizer(model, cfg), runtime, cfg, DistEnv(),
+                         LossSums(runtime.device))
+        step(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), 1, monitor=False)
+        assert len(marks) == (1 if mode == "reduce-overhead" else 0)
