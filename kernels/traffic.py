@@ -42,7 +42,6 @@ design that moves ~18x Q's bytes through L2 (kernels/README.md, "Which loss desi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import sys
@@ -367,55 +366,11 @@ def sweep_shapes(full: bool = False) -> list[dict]:
     return shapes
 
 
-def _shape_name(s: dict) -> str:
-    side = int(round(s["M"] ** 0.5))
-    return f"B={s['B']} {side}x{side} N={s['N']}"
-
-
-def table(gpu: Union[str, GPUSpec] = "H100", full: bool = False, ops=OPS) -> list[str]:
-    spec = _spec(gpu)
-    head = (f"| shape ({spec.name}, P=1024, C=3, bf16) | op | design | modeled MB | floor MB | ratio | GFLOP "
-            "| modeled ms | L2 hit GB | CTAs |")
-    lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in sweep_shapes(full):
-        for op in ops:
-            t = op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], gpu=spec)
-            ctas = max(x.ctas for x in t.launches if not x.name.startswith("torch"))
-            lines.append(f"| {_shape_name(s)} | {op} | {t.design or '-'} | {t.total_bytes / 1e6:.1f} | "
-                         f"{t.floor_bytes / 1e6:.1f} | {t.ratio():.3f} | {t.flops / 1e9:.1f} | {t.modeled_ms:.3f} | "
-                         f"{t.l2_bytes / 1e9:.2f} | {ctas} |")
-    return lines
-
-
-def compact_table(gpu: Union[str, GPUSpec] = "H100", full: bool = False) -> list[str]:
-    """One row per shape: modeled bytes over the floor for each op, the loss design the launcher
-    picks, and modeled times."""
-    spec = _spec(gpu)
-    lines = [f"| shape ({spec.name}, P=1024, C=3, bf16) | forward | backward | fwd+bwd | fused loss (design) "
-             "| labels | ms fwd+bwd | ms loss |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in sweep_shapes(full):
-        t = {op: op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], gpu=spec) for op in OPS}
-        lines.append(f"| {_shape_name(s)} | {t['forward'].ratio():.2f}x | {t['backward'].ratio():.2f}x | "
-                     f"{t['forward_backward'].ratio():.2f}x | {t['fused_loss'].ratio():.2f}x "
-                     f"({t['fused_loss'].design}) | {t['labels'].ratio():.2f}x | "
-                     f"{t['forward_backward'].modeled_ms:.3f} | {t['fused_loss'].modeled_ms:.3f} |")
-    return lines
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    from san_fast.gpu_specs import GPUS
+    """`python -m san_fast.kernels.traffic`: the tables of traffic_report.py."""
+    from san_fast.kernels.traffic_report import main as report_main
 
-    parser = argparse.ArgumentParser(prog="python -m san_fast.kernels.traffic",
-                                     description="Modeled HBM bytes of the SEAT kernels against the floor, per op and shape.")
-    parser.add_argument("--gpu", default="H100", choices=list(GPUS), help="GPU of san_fast.gpu_specs")
-    parser.add_argument("--full", action="store_true", help="every combination of the sweep, not one axis at a time")
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    parser.add_argument("--compact", action="store_true", help="one row per shape, bytes over floor per op")
-    args = parser.parse_args(argv)
-    lines = compact_table(args.gpu, args.full) if args.compact else table(args.gpu, args.full, tuple(args.ops))
-    print("\n".join(lines))
-    return 0
+    return report_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The measured tile sweep (bench/seat_sweep.py) on the CPU: its code runs end to end in the
+interpreter on a tiny shape (the timings mean nothing there), every row says what it measured,
+and the command refuses to report interpreter timings."""
+
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench import seat_sweep
+from bench.seat_measure import TINY
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    monkeypatch.setattr(seat_sweep, "DEVICE", torch.device("cpu"))
+    monkeypatch.setattr(seat_sweep, "GRAD_TILES", [(64, 64)])
+    monkeypatch.setattr(seat_sweep, "WARPS_STAGES", [(4, 1)])
+    monkeypatch.setattr(seat_sweep, "FORWARD", [(64, 64, 4, 1)])
+
+
+def test_sweep_rows_on_a_tiny_shape(on_cpu):
+    rows: list = []
+    shape = replace(TINY, M=32 * 32)
+    seat_sweep.sweep_grad(shape, time.monotonic() + 120, rows)
+    seat_sweep.sweep_forward(shape, time.monotonic() + 120, rows)
+    grads = [r for r in rows if r["kind"] == "grad"]
+    assert grads and all("error" not in r for r in rows), rows
+    for r in grads:
+        assert r["ms"] > 0 and r["modeled_ms"] > 0 and r["ctas"] == r["k"] * r["t"]
+        assert r["iters_per_cta"] == -(-shape.B * (-(-shape.M // r["block_m"])) // r["t"])
+    forward = [r for r in rows if r["kind"] == "forward"]
+    assert len(forward) == 1 and forward[0]["ms"] > 0 and forward[0]["ms_save_attn"] > 0
+
+
+def test_the_command_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert seat_sweep.main(["--budget", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
