@@ -79,8 +79,9 @@ def seat(results: dict) -> list[str]:
             "of copy bw", "extra/Q", "extra target", "status"]
     return ["## SEAT op", "", f"Copy bandwidth {_f(r.get('copy_gbps'), '.0f')} GB/s (read + write). Times: median of "
             "CUDA-event timings, L2 flushed before each run; GPU ms: the device's own work per run (torch.profiler), "
-            "host-bound where it is under 0.8 of ms (the GPU waited for the host to issue launches). extra/Q: peak memory beyond the inputs and the dQ the "
-            "op returns, over Q's bytes. Targets are the H100's.", ""] + _table(head, rows)
+            "host-bound where it is under 0.8 of ms (the GPU waited for the host to issue launches). extra/Q: peak "
+            "memory beyond the inputs and the dQ the op returns, over Q's bytes. Targets are the H100's.", ""] + \
+        _table(head, rows)
 
 
 def training(results: dict) -> list[str]:
@@ -96,10 +97,12 @@ def training(results: dict) -> list[str]:
         wait = x.get("data_wait_fraction")
         rows.append([f"({x['row']}) {x.get('name')}", _f(x.get("images_per_second_after_warmup")
                                                          or x.get("images_per_second"), ".0f"),
-                     _f(step), _f(floor), _f(step / floor if step and floor else None),
+                     _f(step), _f(x.get("median_step_ms")), _f(floor),
+                     _f(step / floor if step and floor else None),
                      _f(peak / 1e9 if peak else None), _f(x.get("gpu_busy_percent"), ".0f"),
                      _f(100 * wait if wait is not None else None, ".1f"), x.get("status", "-")])
-    head = ["row", "img/s", "step ms", "model floor ms", "step/floor", "peak GB", "GPU busy %", "data wait %", "status"]
+    head = ["row", "img/s", "step ms", "median step ms", "model floor ms", "step/floor", "peak GB", "GPU busy %",
+            "data wait %", "status"]
     t = r.get("target", {})
     target = (f"Target: (d) >= {t.get('target_speedup')}x (a): {_f(t.get('speedup_d_over_a'), '.1f')}x "
               f"({_f(t.get('speedup_met'))}); GPU busy >= {t.get('target_busy_percent')}% in (d): "
@@ -140,13 +143,15 @@ def profile(results: dict) -> list[str]:
              _f(x["calls_per_step"], ".1f"), x["kernel"][:90].replace("|", "/")] for x in r["rows"]]
     lines = ["## Profile of compiled training steps (top kernels)", "",
              f"{_f(r.get('unprofiled_ms_per_step'))} ms per step unprofiled ({_f(r.get('wall_ms_per_step'))} under the "
-             f"profiler), {_f(r.get('kernel_ms_per_step'))} ms in kernels; per step {_f(r.get('launches_per_step'), '.0f')} "
+             f"profiler), {_f(r.get('kernel_ms_per_step'))} ms in kernels; per step "
+             f"{_f(r.get('launches_per_step'), '.0f')} "
              f"kernel launches, {_f(r.get('syncs_per_step'), '.1f')} host waits for the GPU.", ""]
     lines += _table(["ms/step", "% of kernel time", "calls/step", "kernel"], rows)
     host = [[_f(x["self_cpu_ms_per_step"], ".3f"), _f(x["calls_per_step"], ".1f"), x["op"][:90].replace("|", "/")]
             for x in r.get("host_top", [])]
     if host:
-        lines += ["Host: top operators by their own CPU time.", ""] + _table(["CPU ms/step", "calls/step", "operator"], host)
+        lines += ["Host: top operators by their own CPU time.", ""]
+        lines += _table(["CPU ms/step", "calls/step", "operator"], host)
     return lines
 
 

@@ -273,7 +273,8 @@ def format_row(r: dict) -> str:
     name = f"{r['shape_name']}-{r['variant']}-{r['mode']}"
     if r.get("status", "ok") != "ok":
         return f"{name:28s} {r['status']}"
-    return (f"{name:28s} {_fmt(r['ms'], '.3f', 9)} {_fmt(r.get('kernel_ms'), '.3f', 9)} {_fmt(r.get('gbps_floor'), '.0f', 7)} "
+    return (f"{name:28s} {_fmt(r['ms'], '.3f', 9)} {_fmt(r.get('kernel_ms'), '.3f', 9)} "
+            f"{_fmt(r.get('gbps_floor'), '.0f', 7)} "
             f"{_fmt(r.get('of_copy_bw_floor'), '.2f', 6)} {_fmt(r.get('extra_beyond_outputs_of_q'), '.3f', 7)}")
 
 

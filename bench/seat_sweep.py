@@ -57,8 +57,9 @@ def sweep_grad(shape, deadline: float, rows: list) -> None:
                 plan = seat_plan.GradPlan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C,
                                           bm, p2, p2, t)
                 cfg = triton.Config({"BLOCK_P": 16, "BLOCK_PD": min(64, p2)}, num_warps=warps, num_stages=stages)
+                iters = triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)
                 row = {"kind": "grad", "block_m": bm, "block_p2": p2, "k": k, "t": t, "warps": warps,
-                       "stages": stages, "ctas": k * t, "iters_per_cta": triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)}
+                       "stages": stages, "ctas": k * t, "iters_per_cta": iters}
                 try:
                     def run():
                         return launch_grad(seat_plan.MODE_GRADS, q, gamma.detach(), w, bias.detach(), attn=attn,
@@ -69,8 +70,8 @@ def sweep_grad(shape, deadline: float, rows: list) -> None:
                     row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
                 except Exception as exc:  # a tile that does not compile here is a row, not a stop
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                row["chosen_now"] = plan == chosen and (warps, stages) in [(c.num_warps, c.num_stages) for c in
-                                                                          seat_plan.grad_configs(0, common.block_n(shape.N), p2)]
+                tuned = seat_plan.grad_configs(seat_plan.MODE_GRADS, common.block_n(shape.N), p2)
+                row["chosen_now"] = plan == chosen and (warps, stages) in [(c.num_warps, c.num_stages) for c in tuned]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 

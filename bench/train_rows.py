@@ -82,6 +82,7 @@ def read_metrics(path: Path) -> dict:
     return {
         "images_per_second_after_warmup": train.get("images_per_second_after_warmup"),
         "images_per_second": train.get("images_per_second"),
+        "median_step_ms": train.get("median_step_ms_after_warmup"),
         "peak_gpu_memory_bytes": train.get("peak_gpu_memory_bytes"),
         "data_wait_fraction": train.get("data_wait_fraction"),
         "steps": train.get("steps"),

@@ -159,7 +159,8 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
                                           num_vis=cfg.num_vis)
     train = {"steps": trainer.progress.step, **trainer.clock.summary(trainer.images),
              "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"), "attention": backend,
-             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None, "optimizer": "adam-fused" if step.fused else "adam-foreach",
+             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
+             "optimizer": "adam-fused" if step.fused else "adam-foreach",
              "distributed": record}
     result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),
               "protocol": protocol_description(cfg), "san": scores, "train": train,

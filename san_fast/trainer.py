@@ -12,6 +12,7 @@ checkpoint stays as it was.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -56,6 +57,7 @@ class StepClock:
         self.started: Optional[float] = None
         self.warm: Optional[tuple[float, int]] = None  # loop time and images at the end of warm-up
         self.warm_unix = self.stopped_unix = 0.0  # wall clock, for tools sampling the GPU meanwhile
+        self.ticks: list[float] = []  # host clock at each step's end after warm-up
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -83,13 +85,23 @@ class StepClock:
         self._sync()
         self.warm = (self.elapsed(), images)
         self.warm_unix = time.time()
+        self.ticks = [time.perf_counter()]
+
+    def tick(self) -> None:
+        """A step's end after warm-up. With no synchronisation per step the host runs ahead until
+        the GPU's queue is full, so in steady state these intervals are the step time; their
+        median is untouched by one-off work (a recompilation, a checkpoint, a log read)."""
+        if self.warm is not None:
+            self.ticks.append(time.perf_counter())
 
     def summary(self, images: int) -> dict[str, Any]:
         after = None
         if self.warm is not None and self.total > self.warm[0]:
             after = round((images - self.warm[1]) / (self.total - self.warm[0]), 2)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        gaps = [b - a for a, b in zip(self.ticks, self.ticks[1:])]
         return {"seconds": round(self.total, 2),
+                "median_step_ms_after_warmup": round(1e3 * statistics.median(gaps), 3) if gaps else None,
                 "images_per_second": round(images / max(self.total, 1e-9), 2),
                 "images_per_second_after_warmup": after, "peak_gpu_memory_bytes": peak,
                 "data_wait_fraction": round(self.waiting / max(self.total, 1e-9), 4),
@@ -160,6 +172,8 @@ class Trainer:
             bar.update()
             if p.step - start_step == WARMUP_STEPS:
                 self.clock.mark_warm(self.images)
+            else:
+                self.clock.tick()
             if monitor or save:  # an epoch's last step is always a monitor step
                 self._means = self._read(wins, bar if monitor else None)
             if save:

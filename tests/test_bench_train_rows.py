@@ -28,6 +28,7 @@ def test_metrics_keys_are_read_when_present(tmp_path):
                                           "data_wait_fraction": 0.01, "measured_window_unix_s": [1.0, 2.0]}}))
     newer = train_rows.read_metrics(path)
     assert newer["images_per_second_after_warmup"] == 900.0 and newer["window_unix_s"] == [1.0, 2.0]
+    assert older["median_step_ms"] is None
     assert train_rows.read_metrics(tmp_path / "missing.json") == {}
 
 
