@@ -75,7 +75,10 @@ def _time(evt, device_type: str, self_time: bool = True) -> float:
 def top_kernels(prof, device_type: str, steps: int, limit: int = 15) -> tuple[float, list[dict]]:
     events = prof.key_averages()
     if device_type == "cuda":
-        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        # User annotations (the optimizer's step, inductor's graph ranges) also show on the GPU's
+        # timeline and cover kernels counted already: the 2026-11-26 profile double-counted Adam.
+        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
     else:
         kernels = list(events)
     kernels.sort(key=lambda e: _time(e, device_type), reverse=True)

@@ -350,3 +350,53 @@ def test_ddp_two_ranks_fold_with_global_statistics():
     for r in ranks:
         assert torch.allclose(r[3], bn.running_mean, rtol=1e-5, atol=1e-6)
         assert torch.allclose(r[4], bn.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _moments_reference(y):
+    yd = y.detach().double().requires_grad_()
+    var, mean = torch.var_mean(yd, dim=(0, 2, 3), correction=0)
+    return yd, mean, var
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_channel_moments_against_float64(dtype):
+    """The statistics op batch_affine uses: mean and biased variance in fp32 (fp64 for float64)
+    from y in its own dtype, and its backward (the gradient reaches y in y's dtype)."""
+    check_moments(dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (torch.batch_norm_stats)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_channel_moments_cuda_path_gpu(dtype):
+    check_moments(dtype)
+
+
+def check_moments(dtype):
+    from san_fast.model.sync_batchnorm import channel_moments
+
+    gen = torch.Generator().manual_seed(5)
+    y = (3.0 + 2.0 * torch.randn(2, 6, 5, 7, generator=gen)).to(DEVICE, dtype)
+    y = y.contiguous(memory_format=torch.channels_last).requires_grad_()
+    mean, var = channel_moments(y, 1e-5)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.dtype == var.dtype == acc
+    yd, ref_mean, ref_var = _moments_reference(y)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel_err(mean, ref_mean) < tol and rel_err(var, ref_var) < tol
+    gm, gv = torch.randn(6, generator=gen).to(DEVICE, acc), torch.randn(6, generator=gen).to(DEVICE, acc)
+    grad = torch.autograd.grad((mean * gm).sum() + (var * gv).sum(), y)[0]
+    ref = torch.autograd.grad((ref_mean * gm.double()).sum() + (ref_var * gv.double()).sum(), yd)[0]
+    assert grad.dtype == dtype
+    # The gradient is rounded to y's dtype once: a few of its ulps.
+    assert rel_err(grad, ref) < {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 2e-3,
+                                 torch.bfloat16: 1.6e-2}[dtype]
+
+
+def test_channel_moments_gradcheck_and_opcheck():
+    from san_fast.model.sync_batchnorm import channel_moments
+
+    y = torch.randn(3, 4, 2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: channel_moments(t, 1e-5), (y,))
+    torch.library.opcheck(channel_moments, (torch.randn(2, 3, 4, 5, device=DEVICE, requires_grad=True), 1e-5))

@@ -40,21 +40,32 @@ def _global_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 @torch.library.custom_op("san_fast::channel_moments", mutates_args=())
-def channel_moments(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of y (B,C,H,W) over (B,H,W).
+def channel_moments(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of y (B,C,H,W) over (B,H,W), in fp32 (fp64 for a
+    float64 y), read from y in its own dtype: no fp32 copy of y is made or kept for the backward.
+    `eps` (> 0, BatchNorm's) only serves the CUDA path.
 
     An opaque op so that inductor cannot fuse the reduction with what batch_affine computes from
     it: that fusion (var_mean, then rsqrt, scale, shift and the running statistics, stored from
     one kernel) made triton 3.6 fail to compile it on an H200 ("operand does not dominate this
-    use" in TritonGPURemoveLayoutConversions; bench/results/nvidia-h200-2026-11-26). The
-    reduction reads y once either way; what follows it is (C,)-sized."""
-    var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    use" in TritonGPURemoveLayoutConversions; bench/results/nvidia-h200-2026-11-26). On CUDA the
+    reduction is torch.batch_norm_stats, SyncBatchNorm's Welford kernel (fp32 accumulation,
+    channels-last aware); it returns 1/sqrt(var + eps), from which var comes back to within
+    about 1e-7 of var + eps. Elsewhere, var_mean in the accumulation dtype."""
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    if y.is_cuda and y.dtype != torch.float64:
+        if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
+            y = y.contiguous()
+        mean, invstd = torch.batch_norm_stats(y, eps)
+        return mean.to(acc), (invstd.to(acc).pow(-2) - eps).clamp_min(0)
+    var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0)
     return mean, var
 
 
 @channel_moments.register_fake
-def _(y):
-    return y.new_empty(y.shape[1]), y.new_empty(y.shape[1])
+def _(y, eps):
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    return y.new_empty(y.shape[1], dtype=acc), y.new_empty(y.shape[1], dtype=acc)
 
 
 def _moments_setup(ctx, inputs, output) -> None:
@@ -67,7 +78,10 @@ def _moments_backward(ctx, grad_mean, grad_var):
     shape = (1, -1, 1, 1)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
-    return (y - mean.view(shape)) * (grad_var * (2.0 / count)).view(shape) + (grad_mean / count).view(shape)
+    # One elementwise pass over y in its own dtype (inductor fuses it under torch.compile).
+    grad = (y.to(mean.dtype) - mean.view(shape)) * (grad_var * (2.0 / count)).view(shape) \
+        + (grad_mean / count).view(shape)
+    return grad.to(y.dtype), None
 
 
 channel_moments.register_autograd(_moments_backward, setup_context=_moments_setup)
@@ -77,12 +91,9 @@ channel_moments.register_autograd(_moments_backward, setup_context=_moments_setu
 def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
                          count) -> None:
     """nn.BatchNorm2d's update from a batch's mean and biased variance over `count` elements
-    (a Python number, or a tensor when the count comes from an all-reduce).
-
-    Written as inductor's own BatchNorm decomposition writes it (Python-scalar factors, mul_ and
-    add_): the same update with lerp_ and a tensor count, fused by inductor into the var_mean
-    reduction, made triton 3.6 fail to compile that kernel on an H200 (PassManager::run failed
-    in make_ttgir; bench/results/nvidia-h200-2026-11-26)."""
+    (a Python number, or a tensor when the count comes from an all-reduce), written as
+    inductor's own BatchNorm decomposition writes it: Python-scalar factors, mul_ and add_. A
+    count made into a CUDA tensor here would be a host-to-device copy in every step."""
     bn.num_batches_tracked.add_(1)
     if bn.momentum is None:  # cumulative average, as nn.BatchNorm2d with momentum=None
         factor = 1.0 / bn.num_batches_tracked.float()
@@ -106,12 +117,11 @@ def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[
                          f"got {tuple(y.shape)}")
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     if bn.training or bn.running_mean is None:
-        yf = y.to(acc)
         if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
-            mean, var, count, _ = _global_moments(yf)
+            mean, var, count, _ = _global_moments(y.to(acc))
         else:
-            mean, var = channel_moments(yf)
-            count = yf.numel() // yf.shape[1]
+            mean, var = channel_moments(y, bn.eps)
+            count = y.numel() // y.shape[1]
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean.detach(), var.detach(), count)
     else:
