@@ -10,7 +10,8 @@ accurate as a single process's. Evaluation uses the running statistics, with no 
 `batch_affine(bn, y)` gives what a BatchNorm layer would apply to y, as a per-channel
 (scale, shift), with the layer's statistics rules (global under DDP, running statistics updated
 exactly as nn.BatchNorm2d does): the SEAT op then applies it inside its kernels
-(kernels/seat_bn_fold.py) instead of the layer writing its output.
+(kernels/seat_bn_fold.py) instead of the layer writing its output. Its statistics come from
+san_fast::channel_moments (y read once, in its own dtype), combined over ranks under DDP.
 """
 
 from __future__ import annotations
@@ -87,6 +88,23 @@ def _moments_backward(ctx, grad_mean, grad_var):
 channel_moments.register_autograd(_moments_backward, setup_context=_moments_setup)
 
 
+def _global_stats(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of y over every rank's batch, and the element count,
+    from each rank's own moments (channel_moments: y read once in its own dtype, no fp32 copy)
+    combined by Chan's rule: mean = sum n_r m_r / n, var = sum n_r (v_r + (m_r - mean)^2) / n, exact
+    and with no cancellation. Differentiable; the backward sums over ranks too."""
+    from san_fast.distributed import differentiable_all_reduce as all_reduce
+
+    mean_r, var_r = channel_moments(y, eps)
+    channels = y.shape[1]
+    n_r = torch.full((1,), y.numel() // channels, dtype=mean_r.dtype, device=y.device)
+    totals = all_reduce(torch.cat([mean_r * n_r, n_r]))
+    count = totals[-1]
+    mean = totals[:channels] / count
+    var = all_reduce(n_r * (var_r + (mean_r - mean).pow(2))) / count
+    return mean, var, count
+
+
 @torch.no_grad()
 def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
                          count) -> None:
@@ -118,7 +136,7 @@ def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     if bn.training or bn.running_mean is None:
         if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
-            mean, var, count, _ = _global_moments(y.to(acc))
+            mean, var, count = _global_stats(y, bn.eps)
         else:
             mean, var = channel_moments(y, bn.eps)
             count = y.numel() // y.shape[1]
