@@ -166,7 +166,10 @@ class Trainer:
             last = p.batch + 1 == per_epoch or p.step + 1 == self.total_steps
             monitor = (p.step + 1) % self.cfg.log_every == 0 or last
             save = bool(self.cfg.save_every) and (p.step + 1) % self.cfg.save_every == 0 and not last
-            wins = self.step_fn(images, p.step + 1, monitor)
+            # The run's first step also computes the collapse monitor (left unread), so that its
+            # kernels compile and autotune in warm-up rather than inside the steps measured after
+            # it (images_per_second_after_warmup).
+            wins = self.step_fn(images, p.step + 1, monitor or p.step == start_step)
             p.step, p.batch = p.step + 1, p.batch + 1
             self.images += self.cfg.batch_size
             bar.update()
@@ -175,7 +178,7 @@ class Trainer:
             else:
                 self.clock.tick()
             if monitor or save:  # an epoch's last step is always a monitor step
-                self._means = self._read(wins, bar if monitor else None)
+                self._means = self._read(wins if monitor else None, bar if monitor else None)
             if save:
                 self.clock.stop()
                 self.save()
