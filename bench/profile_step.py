@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.runner import StageReport
+from bench.timing import event_us, is_device_work
 from san_fast.config import resolve
 from san_fast.model import SAN
 from san_fast.runtime import build_runtime
@@ -60,32 +61,17 @@ def build_step(cfg):
     return step, runtime.device
 
 
-def _time(evt, device_type: str, self_time: bool = True) -> float:
-    """Microseconds of an averaged event on the device (or the CPU), across torch versions."""
-    prefix = "self_" if self_time else ""
-    names = ([f"{prefix}device_time_total", f"{prefix}cuda_time_total"] if device_type == "cuda"
-             else [f"{prefix}cpu_time_total"])
-    for name in names:
-        value = getattr(evt, name, None)
-        if value is not None:
-            return float(value)
-    return 0.0
-
-
 def top_kernels(prof, device_type: str, steps: int, limit: int = 15) -> tuple[float, list[dict]]:
     events = prof.key_averages()
     if device_type == "cuda":
-        # User annotations (the optimizer's step, inductor's graph ranges) also show on the GPU's
-        # timeline and cover kernels counted already: the 2026-11-26 profile double-counted Adam.
-        kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
-                   and not getattr(e, "is_user_annotation", False)]
+        kernels = [e for e in events if is_device_work(e)]
     else:
         kernels = list(events)
-    kernels.sort(key=lambda e: _time(e, device_type), reverse=True)
-    total = sum(_time(e, device_type) for e in kernels) / 1e3 / steps
+    kernels.sort(key=lambda e: event_us(e, device_type), reverse=True)
+    total = sum(event_us(e, device_type) for e in kernels) / 1e3 / steps
     rows = []
     for e in kernels[:limit]:
-        ms = _time(e, device_type) / 1e3 / steps
+        ms = event_us(e, device_type) / 1e3 / steps
         rows.append({"kernel": e.key[:120], "calls_per_step": e.count / steps, "ms_per_step": ms,
                      "share": ms / total if total else None})
     return total, rows
@@ -103,8 +89,8 @@ def host_summary(prof, steps: int, limit: int = 8) -> dict:
     host = [e for e in events if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA]
     launches = sum(e.count for e in host if e.key in LAUNCH_CALLS)
     syncs = sum(e.count for e in host if e.key in SYNC_CALLS)
-    host.sort(key=lambda e: _time(e, "cpu"), reverse=True)
-    top = [{"op": e.key[:100], "self_cpu_ms_per_step": _time(e, "cpu") / 1e3 / steps, "calls_per_step": e.count / steps}
+    host.sort(key=lambda e: event_us(e, "cpu"), reverse=True)
+    top = [{"op": e.key[:100], "self_cpu_ms_per_step": event_us(e, "cpu") / 1e3 / steps, "calls_per_step": e.count / steps}
            for e in host[:limit]]
     return {"launches_per_step": launches / steps, "syncs_per_step": syncs / steps, "host_top": top}
 

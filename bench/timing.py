@@ -55,16 +55,26 @@ def kernel_ms(fn: Callable[[], object], device: torch.device, runs: int = 5) -> 
         for _ in range(runs):
             fn()
         torch.cuda.synchronize(device)
-    total_us = 0.0
-    for evt in prof.key_averages():
-        if getattr(evt, "is_user_annotation", False):  # a range over kernels counted already
-            continue
-        for name in ("self_device_time_total", "self_cuda_time_total"):
-            value = getattr(evt, name, None)
-            if value is not None:
-                total_us += float(value)
-                break
-    return total_us / runs / 1e3
+    return sum(event_us(e, "cuda") for e in prof.key_averages() if is_device_work(e)) / runs / 1e3
+
+
+def event_us(evt, device_type: str) -> float:
+    """Own microseconds of a torch.profiler averaged event on the device (or the CPU), across
+    torch versions (device_time was cuda_time before)."""
+    names = ["self_device_time_total", "self_cuda_time_total"] if device_type == "cuda" else ["self_cpu_time_total"]
+    for name in names:
+        value = getattr(evt, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def is_device_work(evt) -> bool:
+    """A kernel, copy or fill on the GPU. User annotations (the optimizer's step, inductor's graph
+    ranges) show on the GPU's timeline too but cover kernels counted already: the 2026-11-26
+    profile double-counted Adam."""
+    return (getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(evt, "is_user_annotation", False))
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -136,7 +136,7 @@ class TrainStep:
         """Train on one batch (`step` is its 1-based number); with `monitor`, also return the
         (N,) wins of each semantic on it (on the device)."""
         cfg = self.cfg
-        if cfg.compile and cfg.compile_mode == "reduce-overhead":
+        if cfg.compile_mode == "reduce-overhead":  # config checks: only with --compile
             # CUDA graphs reuse their output buffers: this step's outputs are new from here on.
             torch.compiler.cudagraph_mark_step_begin()
         x = self.runtime.prepare(images, cfg.color_jitter, cfg.color_drop)

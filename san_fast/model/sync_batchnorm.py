@@ -4,7 +4,8 @@ On CUDA, torch's SyncBatchNorm does this. It refuses CPU tensors, so gloo runs (
 and the CI test that checks DDP against one process) get GlobalBatchNorm: the same layer,
 whose training statistics are all-reduced with a differentiable all-reduce
 (torch.distributed.nn.functional.all_reduce; the functional collective under torch.compile), so
-the backward pass also sums the statistics' gradients over ranks, as SyncBatchNorm's does. Two passes (mean, then the centred sum of squares) keep the variance as
+the backward pass also sums the statistics' gradients over ranks, as SyncBatchNorm's does. Each
+rank's own moments are combined by Chan's rule (_global_stats), which keeps the variance as
 accurate as a single process's. Evaluation uses the running statistics, with no communication.
 
 `batch_affine(bn, y)` gives what a BatchNorm layer would apply to y, as a per-channel
@@ -19,25 +20,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from san_fast.kernels.seat_reference import loss_dtype
 
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _global_moments(xf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of xf (B,C,H,W) over every rank's batch, the
-    element count, and xf centred; differentiable (the backward sums over ranks too)."""
-    from san_fast.distributed import differentiable_all_reduce as all_reduce
-
-    channels = xf.shape[1]
-    local_count = torch.full((1,), xf.numel() // channels, dtype=xf.dtype, device=xf.device)
-    totals = all_reduce(torch.cat([xf.sum(dim=(0, 2, 3)), local_count]))
-    count = totals[-1]
-    mean = totals[:channels] / count
-    centred = xf - mean.view(1, channels, 1, 1)
-    var = all_reduce(centred.pow(2).sum(dim=(0, 2, 3))) / count
-    return mean, var, count, centred
 
 
 @torch.library.custom_op("san_fast::channel_moments", mutates_args=())
@@ -53,7 +40,7 @@ def channel_moments(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Te
     reduction is torch.batch_norm_stats, SyncBatchNorm's Welford kernel (fp32 accumulation,
     channels-last aware); it returns 1/sqrt(var + eps), from which var comes back to within
     about 1e-7 of var + eps. Elsewhere, var_mean in the accumulation dtype."""
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = loss_dtype(y)
     if y.is_cuda and y.dtype != torch.float64:
         if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
             y = y.contiguous()
@@ -65,8 +52,7 @@ def channel_moments(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Te
 
 @channel_moments.register_fake
 def _(y, eps):
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    return y.new_empty(y.shape[1], dtype=acc), y.new_empty(y.shape[1], dtype=acc)
+    return y.new_empty(y.shape[1], dtype=loss_dtype(y)), y.new_empty(y.shape[1], dtype=loss_dtype(y))
 
 
 def _moments_setup(ctx, inputs, output) -> None:
@@ -133,7 +119,7 @@ def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[
     if y.dim() != 4 or y.shape[1] != bn.num_features:
         raise ValueError(f"batch_affine: expected y (B,{bn.num_features},H,W) for this BatchNorm, "
                          f"got {tuple(y.shape)}")
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    acc = loss_dtype(y)
     if bn.training or bn.running_mean is None:
         if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
             mean, var, count = _global_stats(y, bn.eps)
@@ -160,8 +146,9 @@ class GlobalBatchNorm(nn.BatchNorm2d):
         if x.dim() != 4:
             raise ValueError(f"GlobalBatchNorm expects (B,C,H,W) input, got shape {tuple(x.shape)}")
         channels = x.shape[1]
-        mean, var, count, centred = _global_moments(x.float())
+        mean, var, count = _global_stats(x, self.eps)
         update_running_stats(self, mean.detach(), var.detach(), count.detach())
+        centred = x.to(mean.dtype) - mean.view(1, channels, 1, 1)
         scale = torch.rsqrt(var + self.eps)
         if self.affine:
             out = centred * (scale * self.weight).view(1, channels, 1, 1) + self.bias.view(1, channels, 1, 1)
