@@ -5,7 +5,11 @@ Variants: `triton` (san_fast.ops, impl="triton"), `eager` (the plain PyTorch ref
 `compiled` (torch.compile of the reference; GPU only), `sdpa` (Theta through
 F.scaled_dot_product_attention with gamma as key and value, then the 1x1 conv as a linear).
 Modes: `fwd`, `fwdbwd` (forward + backward of both reconstructions), `loss` (L_rec + L_con and
-their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax).
+their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax),
+`bnloss` (paper and tiny shapes: the loss on Q = BatchNorm(q) in training mode, gradients of q
+through the batch statistics included: `triton` the split BatchNorm backward,
+kernels/seat_bn_split.py; `fold` the fold's autograd path, whose backward ends in an elementwise
+pass over q and dq; `eager` torch's batch_norm, then the reference).
 
 Per case: device time (san_fast's bench.timing: CUDA events, L2 flushed before each run); the
 floor (san_fast.kernels.traffic.floor_bytes: forward one read of Q; forward+backward two reads
@@ -36,8 +40,10 @@ from san_fast import ops
 TARGET_MS = {"fwd": 0.23, "fwdbwd": 0.67, "loss": 0.45}
 TARGET_EXTRA_OF_Q = 0.05
 HOST_BOUND = 0.8  # GPU work under this share of the event time: the host sets the pace
-TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels"}
-MODES = ("fwd", "fwdbwd", "loss", "labels")
+TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels",
+              "bnloss": "fused_loss"}
+MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss")
+BN_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -69,19 +75,15 @@ def sweep_shapes() -> dict[str, Shape]:
 
 
 def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
-    """(variant, mode) pairs: every variant at the paper (or tiny) shape, Triton and eager in sweeps."""
-    if shape_name in ("paper", "tiny"):
-        variants = ("triton", "eager", "sdpa") + (("compiled",) if device.type == "cuda" else ())
-    else:
-        variants = ("triton", "eager")
-    out = []
-    for variant in variants:
-        for mode in MODES:
-            if mode == "labels" and (variant not in ("triton", "eager") or shape_name not in ("paper", "tiny")):
-                continue
-            if variant == "sdpa" and mode == "loss":
-                continue
-            out.append((variant, mode))
+    """(variant, mode) pairs: every variant at the paper (or tiny) shape, Triton and eager in
+    sweeps; torch.compile's cases (tens of seconds each to compile) last."""
+    ops_modes = ("fwd", "fwdbwd", "loss")
+    if shape_name not in ("paper", "tiny"):
+        return [(v, m) for v in ("triton", "eager") for m in ops_modes]
+    out = [(v, m) for v in ("triton", "eager", "sdpa") for m in ops_modes if (v, m) != ("sdpa", "loss")]
+    out += [(v, "labels") for v in ("triton", "eager")] + [(v, "bnloss") for v in ("triton", "fold", "eager")]
+    if device.type == "cuda":
+        out += [("compiled", m) for m in ops_modes]
     return out
 
 
@@ -154,12 +156,42 @@ def build(variant: str, mode: str, inputs):
         def run():
             l_rec, l_con = op(q, gamma, weight, bias, x)
             return torch.autograd.grad(l_rec + l_con, params)
+    elif mode == "bnloss":
+        return _bn_loss(variant, inputs)
     else:
         op = labels_fn(variant)
 
         def run():
             with torch.no_grad():
                 return op(q.detach(), gamma.detach())
+    return run
+
+
+def _bn_loss(variant: str, inputs):
+    """The `bnloss` case: BatchNorm's statistics of q taken in the forward, as the model does."""
+    from san_fast.model.sync_batchnorm import channel_moments
+
+    q, gamma, weight, bias, x, _ = inputs
+    bn_w = torch.ones(q.shape[1], device=q.device, requires_grad=True)
+    bn_b = torch.zeros(q.shape[1], device=q.device, requires_grad=True)
+    params = (q, gamma, weight, bias, bn_w, bn_b)
+
+    def run():
+        if variant == "eager":
+            rows = F.batch_norm(q, None, None, bn_w, bn_b, training=True, eps=BN_EPS)
+            l_rec, l_con = ops.seat_reconstruct_loss_reference(rows, gamma, weight, bias, x)
+        elif variant == "triton":
+            with torch.no_grad():
+                mean, var = channel_moments(q, BN_EPS)
+            stats = ops.BatchStats(mean, var, bn_w, bn_b, BN_EPS)
+            l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design="two_pass",
+                                                     affine=stats)
+        else:
+            mean, var = channel_moments(q, BN_EPS)
+            scale = torch.rsqrt(var + BN_EPS) * bn_w
+            l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design="two_pass",
+                                                     affine=(scale, bn_b - mean * scale))
+        return torch.autograd.grad(l_rec + l_con, params)
     return run
 
 
@@ -173,7 +205,8 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     floor = traffic.floor_bytes(op, s.B, s.M, s.P, s.N, s.C, s.dtype)
     modeled = None
     if variant == "triton":
-        modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu).total_bytes
+        split = dict(folded=True, split_bn=True, design="two_pass") if mode == "bnloss" else {}
+        modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **split).total_bytes
     return {"floor_bytes": int(floor), "modeled_bytes": None if modeled is None else int(modeled)}
 
 
@@ -186,7 +219,7 @@ def figures(s: Shape, mode: str, ms: float, bytes_: dict, copy_bps: float, extra
         out[f"gbps_{name}"] = None if n is None else n / seconds / 1e9
         out[f"of_copy_bw_{name}"] = None if n is None else n / seconds / copy_bps
     if extra is not None:
-        must_return = s.q_bytes() if mode in ("fwdbwd", "loss") else 0  # dQ is an output
+        must_return = s.q_bytes() if mode in ("fwdbwd", "loss", "bnloss") else 0  # dQ is an output
         out["extra_peak_bytes"] = extra
         out["extra_beyond_outputs_of_q"] = (extra - must_return) / s.q_bytes()
     return out
@@ -206,7 +239,8 @@ def autotuned_configs(mode: str) -> dict:
     except ImportError:
         return {}
     chosen = getattr(seat_common, "chosen_configs", None)
-    kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss",), "labels": ("forward",)}
+    kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss",), "labels": ("forward",),
+             "bnloss": ("forward", "backward")}
     return chosen(kinds[mode]) if chosen else {}
 
 

@@ -38,11 +38,14 @@ def expand(trace: Trace, settings: Settings) -> list[Node]:
     nodes: list[Node] = []
     fresh = iter(range(-1, -10**9, -1))  # keys of the small statistics tensors the split creates
     rename: dict[int, int] = {}
+    recomputed: dict[int, Access] = {}  # a BatchNorm output's storage -> that BatchNorm's input
     folded_fwd = folded_bwd = False
     for op in trace.ops:
         if op.kind == "view":
             continue
         reads = [dataclasses.replace(a, storage=rename.get(a.storage, a.storage)) for a in op.reads]
+        if op.phase == "bwd" and op.kind == "fusible":
+            reads = [recomputed.get(a.storage, a) for a in reads]
         name = op.name
         if name in BN_FORWARD and reads:
             x, stats = reads[0], _small(next(fresh))
@@ -52,6 +55,12 @@ def expand(trace: Trace, settings: Settings) -> list[Node]:
                 rename.update({w.storage: x.storage for w in op.writes if w.storage == trace.seat.q_key})
                 folded_fwd = True
                 continue
+            if settings.compile:
+                # AOTAutograd's min-cut partitioner saves BN's input and statistics, not its
+                # output, for the backward's element-wise consumers: they recompute it from the
+                # input, which BN's backward reads anyway. A library kernel's backward (a matmul
+                # reading Q) still gets the saved output (tests/test_step_model.py checks both).
+                recomputed.update({w.storage: x for w in op.writes if w.numel == x.numel})
             nodes.append(Node(op, reads + [stats], op.writes, False, f"{name}:apply"))
         elif name in BN_BACKWARD + LN_BACKWARD and len(reads) >= 2:
             sums = _small(next(fresh))
@@ -60,6 +69,8 @@ def expand(trace: Trace, settings: Settings) -> list[Node]:
                 nodes.append(Node(op, reads[:2], [sums] + (op.writes[1:] if name in LN_BACKWARD else []),
                                   True, f"{name}:sums"))
             folded_bwd |= is_q
+            if is_q and settings.bn_split:
+                continue  # the SEAT dq pass writes dy itself (kernels/seat_bn_split.py)
             nodes.append(Node(op, reads + [sums], op.writes[:1] if name in LN_BACKWARD else op.writes, False,
                               f"{name}:apply"))
         else:

@@ -14,11 +14,15 @@ is a kernel reading its inputs and writing its outputs once, with these fusion a
   softmax) between library kernels (matmuls, convolutions, attention, the SEAT kernel) into
   one pass; a kernel that needs a full reduction's result (BatchNorm statistics, a loss) starts
   a new pass; nothing fuses into or across library kernels. The optimizer is never compiled.
-- a tensor the backward reads is saved by the forward (as eager autograd saves it; Inductor
-  may recompute cheap element-wise results instead, which moves bytes, not many).
-- the SEAT op fused (--seat-impl triton, or auto on sm80+): one kernel whose bytes and FLOPs
-  are the traffic model's (san_fast.kernels.traffic, op "fused_loss"); its backward hands out
-  the gradients its forward wrote. Not fused: the PyTorch reference's ops, costed as above.
+- a tensor the backward reads is saved by the forward as eager autograd saves it, except under
+  --compile a BatchNorm's output read only by element-wise backward ops: AOTAutograd's min-cut
+  partitioner keeps BN's input and statistics, and the backward recomputes the output in a pass
+  that reads the input anyway, so the output is neither written for the backward nor read back
+  (a matmul's backward still reads it saved). Other cheap element-wise results Inductor may
+  recompute are counted as saved.
+- the SEAT op fused (--seat-impl triton, or auto on sm80+): one row whose bytes and FLOPs are
+  the traffic model's (san_fast.kernels.traffic, op "fused_loss", all its launches). Not fused:
+  the PyTorch reference's ops, costed as above.
 - AMP: weights cast to the AMP dtype where autocast casts them (read fp32, write 16-bit), their
   gradients cast back; GradScaler (fp16) reads and writes every gradient once more.
 - Adam: what the project builds (san_fast.train_step.build_optimizer; --adam overrides):
@@ -26,8 +30,15 @@ is a kernel reading its inputs and writing its outputs once, with these fusion a
 - --bn-folded (default: as --fold-bn decides, i.e. wherever the fused SEAT op runs):
   BatchNorm's affine applied inside the SEAT kernels (Q never written), its backward sums
   taken from the SEAT kernels' small outputs (kernels/seat_bn_fold.py): the normalisation pass
-  and the backward's reduction pass over Q go; the statistics pass and the backward's
-  elementwise pass stay.
+  and the backward's reduction pass over Q go; the statistics pass stays.
+- --bn-split (default: with the fold wherever the SEAT loss runs two-pass, as the ops do): the
+  statistics' backward inside the SEAT backward (kernels/seat_bn_split.py): the gradient kernel
+  runs twice (sums, then dy = dq + alpha + beta y), so BatchNorm's elementwise backward pass goes
+  too and the SEAT op reads y once more (the traffic model's split_bn launches). Without it
+  the elementwise pass stays.
+- the SEAT op's design: two-pass (forward keeps Q, the backward reads it again) under
+  --compile or where the traffic model picks it, as san_fast.ops does; else the one-pass fused
+  loss, whose forward writes dQ for the backward.
 - channels-last changes the layout, not the bytes: it is not in the floor.
 A kernel's floor is max(FLOPs / matmul rate, bytes / copy bandwidth) with the rates of
 san_fast.gpu_specs; the step's floor is their sum (no overlap between kernels).
@@ -59,7 +70,7 @@ PART_LABELS = {"": "loss, glue", "encoder": "pixel encoder", "backbone": "ViT", 
 
 
 def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Optional[bool],
-                     monitor_grad: str = "auto") -> Settings:
+                     monitor_grad: str = "auto", bn_split: Optional[bool] = None) -> Settings:
     spec = GPUS[gpu]
     if cfg.amp == "auto":
         amp = torch.bfloat16 if spec.bf16 else torch.float16
@@ -79,10 +90,27 @@ def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Opti
     if folded and not seat_fused:
         raise ValueError("--bn-folded applies BatchNorm inside the fused SEAT kernels: it needs the "
                          "fused op (--seat-impl triton or auto on sm80+, with reconstruction)")
+    two_pass = seat_fused and _loss_design(cfg, spec, amp) == "two_pass"
+    split = folded and two_pass if bn_split is None else bn_split
+    if split and not (folded and two_pass):
+        raise ValueError("--bn-split: the split BatchNorm backward needs BatchNorm folded and the two-pass loss design")
     return Settings(gpu, amp, amp == torch.float16, seat_fused, cfg.compile,
                     cfg.channels_last if cfg.channels_last is not None else True, adam or project_adam(cfg),
-                    folded, monitor_grad, torch.backends.cudnn.allow_tf32,
+                    folded, split, two_pass, monitor_grad, torch.backends.cudnn.allow_tf32,
                     torch.get_float32_matmul_precision() != "highest")
+
+
+def _loss_design(cfg: Config, spec: GPUSpec, amp: Optional[torch.dtype]) -> str:
+    """The SEAT loss's design as san_fast.ops picks it: two-pass under torch.compile, else the
+    traffic model's choice for the step's shape."""
+    if cfg.compile:
+        return "two_pass"
+    from san_fast.kernels import seat_plan
+
+    from san_fast.data import input_channels
+
+    return seat_plan.loss_design(cfg.batch_size, cfg.crop_size ** 2, cfg.embed_dim, cfg.semantics(),
+                                 input_channels(cfg), amp or torch.float32, spec)
 
 
 def project_adam(cfg: Config) -> str:
@@ -98,13 +126,17 @@ def project_adam(cfg: Config) -> str:
     return "fused" if opt.defaults.get("fused") else "foreach"
 
 
-def seat_traffic_cost(gpu: str, folded: bool = False):
-    """The fused loss's bytes and FLOPs from the kernels' traffic model (BatchNorm-folded: with
-    the fold's operand ops and logit bias)."""
+def seat_traffic_cost(gpu: str, folded: bool = False, split: bool = False, two_pass: bool = True):
+    """The fused loss's bytes and FLOPs from the kernels' traffic model in the design the ops run
+    (BatchNorm-folded: with the fold's operand ops and logit bias; `split`: and the split
+    BatchNorm backward)."""
     from san_fast.kernels import traffic
 
+    design = "two_pass" if two_pass else "fused"
+
     def cost(b, m, p, n, c, dtype):
-        t = traffic.op_traffic("fused_loss", b, m, p, n, c, dtype, gpu=gpu, folded=folded)
+        t = traffic.op_traffic("fused_loss", b, m, p, n, c, dtype, gpu=gpu, folded=folded, split_bn=split,
+                               design=design)
         return {"bytes": int(t.total_bytes), "flops": int(t.flops), "dtype": dtype}
 
     return cost
@@ -169,7 +201,8 @@ def trace_step(cfg: Config, settings: Settings) -> Trace:
         tracer = StepTracer({id(m): n for n, m in model.named_modules()},
                             {p.untyped_storage()._cdata for p in params})
         seat = seat_region(tracer, settings.seat_fused,
-                           seat_traffic_cost(settings.gpu, settings.bn_folded) if settings.seat_fused else None, call)
+                           seat_traffic_cost(settings.gpu, settings.bn_folded, settings.bn_split, settings.seat_two_pass)
+                           if settings.seat_fused else None, call, settings.seat_two_pass)
         autocast = torch.autocast("cpu", dtype=settings.amp, enabled=settings.amp is not None)
         with FlopCounterMode(display=False) as counter, tracer, seat:
             with autocast:
@@ -241,6 +274,9 @@ def model_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-folded", action=argparse.BooleanOptionalAction, default=None,
                    help="BatchNorm of Q applied inside the SEAT kernels (default: as --fold-bn decides, "
                         "auto: wherever the fused SEAT op runs)")
+    p.add_argument("--bn-split", action=argparse.BooleanOptionalAction, default=None,
+                   help="with BatchNorm folded, its statistics' backward inside the SEAT dq pass "
+                        "(kernels/seat_bn_split.py; default: as the ops run it, with the two-pass loss design)")
     p.add_argument("--monitor-grad", choices=("auto", "on", "off"), default="auto",
                    help="a zero gradient for Q returned attached from SAN.losses (auto: when compiled and attached)")
     p.add_argument("--copy-gbps", type=float, default=None,
@@ -256,7 +292,7 @@ def config_for(train_flags: list[str]) -> Config:
 
 
 def model_step(train_flags: list[str], gpus: list[str], adam=None, bn_folded=None, monitor_grad="auto",
-               copy_gbps: Optional[float] = None) -> dict:
+               copy_gbps: Optional[float] = None, bn_split: Optional[bool] = None) -> dict:
     """Tables per GPU for the step that `train.py train_flags` runs (GPUs it cannot run on are
     reported with the reason)."""
     cfg = config_for(train_flags)
@@ -264,11 +300,13 @@ def model_step(train_flags: list[str], gpus: list[str], adam=None, bn_folded=Non
     traces: dict = {}
     for gpu in gpus:
         try:
-            settings = resolve_settings(cfg, gpu, adam, bn_folded, monitor_grad)
+            settings = resolve_settings(cfg, gpu, adam, bn_folded, monitor_grad, bn_split)
         except ValueError as exc:
             out["gpus"][gpu] = {"error": str(exc)}
             continue
-        key = (settings.amp, settings.seat_fused, settings.adam, settings.grad_scaler)
+        # The SEAT op's cost is the traffic model's for this GPU and these settings.
+        key = (gpu, settings.amp, settings.seat_fused, settings.adam, settings.grad_scaler, settings.bn_folded,
+               settings.bn_split, settings.seat_two_pass, settings.compile)
         if key not in traces:
             traces[key] = trace_step(cfg, settings)
         spec = GPUS[gpu]
@@ -286,7 +324,7 @@ def format_table(name: str, table: dict) -> str:
              f"{table['gb']:.2f} GB moved, {table['params'] / 1e6:.1f}M parameters, activations "
              f"{table['activation_gb_per_image']:.3f} GB per image",
              f"  amp {s['amp']}, compile {s['compile']}, SEAT fused {s['seat_fused']}, Adam {s['adam']}, "
-             f"BN folded {s['bn_folded']}",
+             f"BN folded {s['bn_folded']} (statistics' backward in the SEAT kernel: {s['bn_split']})",
              f"  {'part':13s} {'kind':22s} {'kernels':>7s} {'GFLOP':>9s} {'GB':>7s} {'FLOP ms':>8s} {'byte ms':>8s} {'floor ms':>9s}"]
     # Rows sorted by floor: the first dozen, and any further one worth 1% of the step.
     shown = [r for i, r in enumerate(table["rows"]) if i < 12 or r["floor_ms"] >= 0.01 * table["total_ms"]]
@@ -308,7 +346,7 @@ def main(argv=None) -> int:
         return 0
     try:
         result = model_step(train_flags, args.gpu or list(GPUS), args.adam, args.bn_folded, args.monitor_grad,
-                            args.copy_gbps)
+                            args.copy_gbps, args.bn_split)
     except (ValueError, RuntimeError) as exc:
         print(f"step_model: error: {exc}", file=sys.stderr)
         return 2

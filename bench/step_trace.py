@@ -220,24 +220,38 @@ class StepTracer(TorchDispatchMode):
 
 
 class FusedSeatStandIn(torch.autograd.Function):
-    """The fused SEAT loss's signature without its arithmetic. Like the kernel, its forward
-    writes every gradient (recorded by `record` with the traffic model's cost) and keeps them for
-    the backward, which hands them out."""
+    """The fused SEAT loss's signature without its arithmetic, recorded by `record(reads,
+    writes, backward)` (its forward carries the traffic model's whole cost, the backward's
+    record none). One-pass design: like the kernel, the forward writes every gradient and keeps
+    them for the backward, which hands them out. Two-pass: the forward keeps Q (the kernels'
+    input) and the backward reads it to write the gradients."""
 
     @staticmethod
-    def forward(ctx, q, gamma, weight, bias, x, record):
-        grads = [torch.empty_like(t) for t in (q, gamma, weight) + ((bias,) if bias is not None else ())]
-        record(reads=(q, gamma, weight, x), writes=grads)
-        ctx.save_for_backward(*grads)
-        ctx.has_bias = bias is not None
+    def forward(ctx, q, gamma, weight, bias, x, record, two_pass):
+        ctx.record, ctx.two_pass, ctx.has_bias = record, two_pass, bias is not None
+        if two_pass:
+            record(reads=(q, gamma, weight, x), writes=(), backward=False)
+            ctx.save_for_backward(q, gamma, weight, bias)
+        else:
+            grads = _like(q, gamma, weight, bias)
+            record(reads=(q, gamma, weight, x), writes=grads, backward=False)
+            ctx.save_for_backward(*grads)
         return q.new_empty((), dtype=torch.float32), q.new_empty((), dtype=torch.float32)
 
     @staticmethod
     def backward(ctx, grad_rec, grad_con):
         grads = list(ctx.saved_tensors)
+        if ctx.two_pass:
+            q = grads[0]
+            grads = _like(*grads)
+            ctx.record(reads=(q,), writes=grads, backward=True)
         if not ctx.has_bias:
             grads.append(None)
-        return (*grads, None, None)
+        return (*grads, None, None, None, None)
+
+
+def _like(*tensors) -> list:
+    return [torch.empty_like(t) for t in tensors if t is not None]
 
 
 @dataclass
@@ -251,9 +265,10 @@ class SeatCall:
 
 
 @contextlib.contextmanager
-def seat_region(tracer: StepTracer, fused: bool, traffic_cost, call: SeatCall):
-    """Route ops.seat_reconstruct_loss through the tracer: the fused kernel as one synthetic op
-    costed by `traffic_cost(B, M, P, N, C, dtype)`, or the PyTorch reference traced op by op."""
+def seat_region(tracer: StepTracer, fused: bool, traffic_cost, call: SeatCall, two_pass: bool = False):
+    """Route ops.seat_reconstruct_loss through the tracer: the fused kernels as synthetic ops
+    costed by `traffic_cost(B, M, P, N, C, dtype)` (`two_pass`: the design that reads Q again in
+    the backward), or the PyTorch reference traced op by op."""
     original = seat_ops.seat_reconstruct_loss
 
     def traced(q, gamma, weight, bias, x, consistency_target="image", impl="auto", **kwargs):
@@ -268,9 +283,12 @@ def seat_region(tracer: StepTracer, fused: bool, traffic_cost, call: SeatCall):
         try:
             if fused:
                 cost = traffic_cost(*call.shape, q.dtype)
-                out = FusedSeatStandIn.apply(
-                    q, gamma, weight, bias, x,
-                    lambda reads, writes: tracer.synthetic("seat_fused_loss", "seat", cost, reads, writes))
+
+                def record(reads, writes, backward):
+                    share = {"bytes": 0, "flops": 0, "dtype": cost.get("dtype")} if backward else cost
+                    tracer.synthetic("seat_fused_loss", "seat", share, reads, writes)
+
+                out = FusedSeatStandIn.apply(q, gamma, weight, bias, x, record, two_pass)
             else:
                 out = seat_ops.seat_reconstruct_loss_reference(q, gamma, weight, bias, x, consistency_target)
         finally:
@@ -299,6 +317,8 @@ class Settings:
     channels_last: bool
     adam: str  # "fused" or "foreach"
     bn_folded: bool
+    bn_split: bool  # folded, with the statistics' backward inside the SEAT dq pass (kernels/seat_bn_split.py)
+    seat_two_pass: bool  # the SEAT loss's design: forward, then a backward reading Q again
     monitor_grad: str  # "auto": a zero gradient for a returned Q when compiled and Q is attached
     conv_tf32: bool
     mm_tf32: bool

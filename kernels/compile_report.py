@@ -3,7 +3,8 @@
     python -m san_fast.kernels.compile_report                  # sm70, sm80, sm90, all dtypes
     python -m san_fast.kernels.compile_report --arch 90 --dtype bf16 --n 27
 
-For each kernel (forward, labels, backward, fused loss in both consistency modes, dq rescale),
+For each kernel (forward, labels, backward, the split BatchNorm backward's sums and dq passes,
+fused loss in both consistency modes, dq rescale),
 q dtype, architecture and N bucket, the real launcher in san_fast.kernels is called with small
 CPU tensors and a `launch` hook that records the kernel's arguments instead of running it;
 each autotune config is then compiled by `triton.compile` for that target, and the bundled
@@ -34,7 +35,7 @@ import torch
 
 # Per-block shared memory limit (opt-in maximum) by compute capability.
 SHARED_LIMIT = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-KINDS = ("forward", "labels", "backward", "loss_image", "loss_rec_q", "rescale")
+KINDS = ("forward", "labels", "backward", "backward_sums", "backward_dq_affine", "loss_image", "loss_rec_q", "rescale")
 DTYPES = ("fp32", "fp16", "bf16")
 # fp64 (the gradcheck path) is compiled on request only.
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -95,12 +96,16 @@ def _launches(kind: str, dtype: torch.dtype, n: int) -> list[_Launch]:
         seat_forward.seat_forward(q, gamma, weight, bias, save_attn=True, launch=launch)
     elif kind == "labels":
         seat_forward.seat_labels(q, gamma, launch=launch)
-    elif kind == "backward":
+    elif kind.startswith("backward"):
         attn = torch.zeros(b, m, n, dtype=dtype)
         grad = torch.randn(b, m, c, generator=gen).to(dtype)
+        # The split BatchNorm backward's two passes (kernels/seat_bn_split.py): folded operands.
+        split = {"backward_sums": dict(with_dq=False),
+                 "backward_dq_affine": dict(dq_affine=(torch.zeros(p, dtype=master), torch.ones(p, dtype=master)))}
+        folded = dict(values=torch.zeros(b, n, c, dtype=master), logit_bias=torch.zeros(b, n, dtype=master))
         seat_backward.launch_grad(
             seat_backward.MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad, grad_rec_t=grad,
-            launch=launch,
+            launch=launch, **(dict(split[kind], **folded) if kind in split else {}),
         )
     elif kind in ("loss_image", "loss_rec_q"):
         x = torch.randn(b, m, c, generator=gen, dtype=master)

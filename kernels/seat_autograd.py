@@ -11,6 +11,9 @@ alike):
         -> (dq, dgamma, dweight, dvalues, dlogit_bias)
     seat_labels_folded(q, gamma, logit_bias) -> labels
 
+and, in kernels/seat_bn_split.py (the split BatchNorm backward), seat_backward_folded_sums and
+seat_backward_folded_dq_affine.
+
 The "folded" ops take V (B,N,C) explicitly and a logit bias lb (B,N) (logits tau (q Gamma^T +
 lb)) and return the gradients of both, leaving the chain rule to autograd: the BatchNorm fold
 (kernels/seat_bn_fold.py) builds its operands from Gamma, W and BN's scale and shift with small

@@ -30,6 +30,8 @@ from san_fast.kernels import seat_plan
 from san_fast.kernels.seat_forward import logits_and_rec_q, mm, tile_offsets, values_matrix
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
+PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
 
 @triton.jit
 def fused_loss_rows(
@@ -128,7 +130,7 @@ def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, n
 def seat_grad_kernel(
     q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr, lb_ptr,
     attn_ptr, ga_ptr, gt_ptr,
-    dq_ptr, rq_ptr, rt_ptr, ws_ptr,
+    dq_ptr, rq_ptr, rt_ptr, ws_ptr, alpha_ptr, beta_ptr,
     B, M, N, P, C, P_RANGE, T_J, SLOT_LEN, tau, grad_scale, h_rec, h_con,
     stride_qb, stride_qm, stride_qp,
     stride_dqb, stride_dqm, stride_dqp,
@@ -137,11 +139,15 @@ def seat_grad_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr, PASS: tl.constexpr = 0,
 ):
     """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
     gt_ptr: grad of rec_t (MODE_GRADS only). With LOGIT_BIAS the logits carry lb (B,N) and the
-    range-0 CTAs also sum dl over rows (its gradient) into column C of acc_s, free since C <= 8."""
+    range-0 CTAs also sum dl over rows (its gradient) into column C of acc_s, free since C <= 8.
+
+    PASS (MODE_GRADS): PASS_BOTH, the sums and dq; PASS_SUMS, the sums only (no dq written);
+    PASS_DQ_AFFINE, dq only, written as dq + alpha + beta q per channel (alpha_ptr, beta_ptr: (P,)
+    in ACC), no sums: the split BatchNorm backward (kernels/seat_bn_split.py)."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
@@ -197,22 +203,47 @@ def seat_grad_kernel(
                 stride_am, stride_ac, MODE, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
                 BLOCK_P,
             )
-        da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j == 0, ACC, BLOCK_M, BLOCK_N)
+        if PASS == PASS_DQ_AFFINE:  # no sums: S's range-0 CTAs sum nothing either
+            da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j < 0, ACC, BLOCK_M, BLOCK_N)
+        else:
+            da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j == 0, ACC, BLOCK_M, BLOCK_N)
         dl = attn * (da - tl.sum(attn * da, axis=1)[:, None])
         dl = tl.where(rows_ok[:, None] & n_ok[None, :], dl * tau, 0.0)
-        if LOGIT_BIAS:
+        if LOGIT_BIAS and PASS != PASS_DQ_AFFINE:
             acc_s += tl.where((cs[None, :] == C) & (j == 0), tl.sum(dl, axis=0)[:, None], 0.0)
         dl_lp = dl.to(q_dtype)
         gu_lp = gu.to(q_dtype)
 
-        # Step 2, range j: the last read of this Q tile (evict_first).
-        q2_offs = tile_offsets(rows, p_lo + p2, stride_qm, stride_qp, OFFS64)
-        q2 = tl.load(q_img + q2_offs, mask=rows_ok[:, None] & p2_ok[None, :], other=0.0, eviction_policy="evict_first")
-        q2_t = tl.trans(q2)
-        acc_g = mm(q2_t, dl_lp, acc_g, PRECISION)
-        acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
-        dq_img = dq_ptr + b * stride_dqb
-        for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
+        if PASS != PASS_DQ_AFFINE:
+            # Step 2, range j: the last read of this Q tile (evict_first).
+            q2_offs = tile_offsets(rows, p_lo + p2, stride_qm, stride_qp, OFFS64)
+            q2 = tl.load(q_img + q2_offs, mask=rows_ok[:, None] & p2_ok[None, :], other=0.0,
+                         eviction_policy="evict_first")
+            q2_t = tl.trans(q2)
+            acc_g = mm(q2_t, dl_lp, acc_g, PRECISION)
+            acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
+        if PASS != PASS_SUMS:
+            dq_rows(q_img, dq_ptr + b * stride_dqb, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale,
+                    b, rows, rows_ok, ns, n_ok, cs, c_ok, pd, p_lo, N, P, P_RANGE, stride_qm, stride_qp, stride_dqm,
+                    stride_dqp, PASS == PASS_DQ_AFFINE, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD)
+
+        if PASS != PASS_DQ_AFFINE:
+            if (rb == n_rb - 1) | (it == end - 1):
+                store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns,
+                               n_ok, cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS)
+                acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
+                acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
+                acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+
+
+@triton.jit
+def dq_rows(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows, rows_ok, ns,
+            n_ok, cs, c_ok, pd, p_lo, N, P, P_RANGE, stride_qm, stride_qp, stride_dqm, stride_dqp,
+            AFFINE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_PD: tl.constexpr):
+    """dq = dl Gamma + gq W of a row block over range j, in BLOCK_PD-wide sub-tiles; AFFINE adds
+    alpha + beta q per channel (q re-read per sub-tile: this pass loads no whole Q tile)."""
+    for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
             cols = s * BLOCK_PD + pd
             cols_ok = (cols < P_RANGE) & (p_lo + cols < P)
             g = tl.load(gamma_ptr + tile_offsets(b * N + ns, p_lo + cols, P, 1, OFFS64),
@@ -220,17 +251,16 @@ def seat_grad_kernel(
             # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
             w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
             dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
-            dq = mm(gu_lp, w, dq, PRECISION)
+            dq = mm(gu_lp, w, dq, PRECISION) * grad_scale
+            ok = rows_ok[:, None] & cols_ok[None, :]
+            if AFFINE:
+                q = tl.load(q_img + tile_offsets(rows, p_lo + cols, stride_qm, stride_qp, OFFS64), mask=ok, other=0.0,
+                            eviction_policy="evict_first")
+                alpha = tl.load(alpha_ptr + p_lo + cols, mask=cols_ok, other=0.0)
+                beta = tl.load(beta_ptr + p_lo + cols, mask=cols_ok, other=0.0)
+                dq += alpha[None, :] + beta[None, :] * q.to(ACC)
             dq_offs = tile_offsets(rows, p_lo + cols, stride_dqm, stride_dqp, OFFS64)
-            tl.store(dq_img + dq_offs, (dq * grad_scale).to(dq_ptr.dtype.element_ty),
-                     mask=rows_ok[:, None] & cols_ok[None, :], eviction_policy="evict_first")
-
-        if (rb == n_rb - 1) | (it == end - 1):
-            store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok,
-                           cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS)
-            acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
-            acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
-            acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
+            tl.store(dq_img + dq_offs, dq.to(dq_img.dtype.element_ty), mask=ok, eviction_policy="evict_first")
 
 
 @triton.jit(do_not_specialize=["SLOT_LEN", "ROW_BLOCKS", "ITEMS", "T_J"])
@@ -253,7 +283,7 @@ def _grad_kernel(plan: seat_plan.GradPlan):
     configs = seat_plan.grad_configs(plan.mode, bn, plan.block_p2)
     kind = seat_plan.grad_kind(plan.mode)
     return common.autotuned(seat_grad_kernel, kind, seat_plan.bucket(bn), configs,
-                            ["N", "P", "C", "MODE", "BLOCK_M", "BLOCK_P2"])
+                            ["N", "P", "C", "MODE", "BLOCK_M", "BLOCK_P2", "PASS"])
 
 
 def _check_plan(plan: seat_plan.GradPlan, mode: int, shape: tuple) -> None:
@@ -285,6 +315,8 @@ def launch_grad(
     workspace_fill: Optional[float] = None,
     values: Optional[torch.Tensor] = None,
     logit_bias: Optional[torch.Tensor] = None,
+    with_dq: bool = True,
+    dq_affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ):
     """Run the gradient kernel and the slot reduction; returns dq, dGamma_direct (B,N,P),
     dW_direct (C,P), dW_u (C,P; fused modes, else None), S (B,N,C), in the fused modes rec_q and
@@ -296,6 +328,10 @@ def launch_grad(
     and `logit_bias` (B,N) enters the logits as tau (q Gamma^T + lb) (the BatchNorm fold). `plan` (seat_plan.grad_plan) fixes the grid and tiles, `config` one
     autotune candidate; `dq` and `workspace_fill` (e.g. NaN) let tests check that every element
     of the outputs and of the used workspace is written.
+
+    MODE_GRADS only: `with_dq=False` computes the sums alone (dq comes back None);
+    `dq_affine=(alpha, beta)`, two (P,) tensors, computes dq alone, written as
+    dq + alpha + beta * q per channel, and every other output comes back None.
     """
     shape = common.check_launch(q, gamma, weight)
     bsz, m, p, n, c = shape
@@ -315,6 +351,9 @@ def launch_grad(
         common.check_rows("grad_rec_t", grad_rec_t, (bsz, m, c), q.device)
         row_a, row_t = grad_rec_q, grad_rec_t
     acc = common.acc_dtype(q.dtype)
+    grad_pass = _grad_pass(mode, with_dq, dq_affine)
+    if dq_affine is not None:
+        alpha, beta = (common.check_small(name, t, (p,), q, acc) for name, t in zip(("alpha", "beta"), dq_affine))
     if plan is None:
         plan = seat_plan.grad_plan(mode, bsz, m, p, n, c, q.dtype, seat_plan.device_spec(q.device))
     _check_plan(plan, mode, shape)
@@ -323,14 +362,15 @@ def launch_grad(
     values = common.check_small("values", values, (bsz, n, c), q, acc)
     logit_bias = common.check_small("logit_bias", logit_bias, (bsz, n), q, acc)
     if dq is None:
-        dq = torch.empty_like(q)
+        dq = torch.empty_like(q) if with_dq else q  # PASS_SUMS writes no dq: q only fills the slot
 
     def buffer(*size):
         if workspace_fill is None:
             return torch.empty(size, device=q.device, dtype=acc)
         return torch.full(size, workspace_fill, device=q.device, dtype=acc)
 
-    ws = buffer(plan.slots, plan.slot_len)
+    # The dq pass writes no partial sums: a one-element workspace fills the argument.
+    ws = buffer(1) if grad_pass == PASS_DQ_AFFINE.value else buffer(plan.slots, plan.slot_len)
     rec_q = buffer(bsz, m, c) if fused else dq
     rec_t = buffer(bsz, m, c) if fused else dq
     kernel, meta = common.with_config(_grad_kernel(plan), config)
@@ -341,7 +381,7 @@ def launch_grad(
             q, gamma_op, common.as_operand(weight, q.dtype), values,
             bias if bias is not None else values, logit_bias if logit_bias is not None else values,
             attn if attn is not None else values, row_a, row_t,
-            dq, rec_q, rec_t, ws,
+            dq, rec_q, rec_t, ws, alpha if dq_affine is not None else values, beta if dq_affine is not None else values,
             bsz, m, n, p, c, plan.p_range, plan.ctas_per_range, plan.slot_len, 1.0 / p ** 0.5,
             2.0 / (bsz * m * c) if fused else 1.0, h_rec, h_con,
             q.stride(0), q.stride(1), q.stride(2),
@@ -350,8 +390,10 @@ def launch_grad(
             row_t.stride(0), row_t.stride(1), row_t.stride(2),
             MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
-            BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, **meta,
+            BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass, **meta,
         )
+        if grad_pass == PASS_DQ_AFFINE.value:
+            return dq, None, None, None, None, None, None, None
         sums = reduce_slots(ws, plan, launch)
     n_p, c_p = n * p, c * p
     d_gamma = sums[:, :n_p].view(bsz, n, p)
@@ -360,7 +402,17 @@ def launch_grad(
     s_at = (n + plan.w_rows * c) * p
     s = sums[:, s_at:s_at + n * c].view(bsz, n, c)
     d_lb = sums[:, s_at + n * c:].view(bsz, n) if logit_bias is not None else None
-    return dq, d_gamma, d_w, d_wu, s, (rec_q if fused else None), (rec_t if fused else None), d_lb
+    return (dq if with_dq else None), d_gamma, d_w, d_wu, s, (rec_q if fused else None), (rec_t if fused else None), d_lb
+
+
+def _grad_pass(mode: int, with_dq: bool, dq_affine) -> int:
+    if with_dq and dq_affine is None:
+        return PASS_BOTH.value
+    if mode != MODE_GRADS:
+        raise ValueError("with_dq=False and dq_affine serve the split BatchNorm backward: MODE_GRADS only")
+    if dq_affine is not None and not with_dq:
+        raise ValueError("dq_affine asks for dq: it cannot go with with_dq=False")
+    return PASS_SUMS.value if not with_dq else PASS_DQ_AFFINE.value
 
 
 def reduce_slots(ws: torch.Tensor, plan: seat_plan.GradPlan, launch: Callable = common.identity_launch) -> torch.Tensor:

@@ -22,7 +22,7 @@ Q-sized tensor is read for BN's two reductions.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -55,3 +55,18 @@ def labels_operands(scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tenso
     with torch.autocast(device_type=gamma.device.type, enabled=False):
         g = gamma.to(dtype)
         return g * scale.to(dtype), g @ shift.to(dtype)
+
+
+class BatchStats(NamedTuple):
+    """A training BatchNorm's batch statistics of y (detached, (P,) each, in the accumulation
+    dtype) and its affine parameters: what the split backward needs in place of (scale, shift)."""
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) of BN in this batch, constants (no gradient reaches y through them)."""
+        scale = torch.rsqrt(self.var + self.eps) * self.weight.to(self.var.dtype)
+        return scale, self.bias.to(self.var.dtype) - self.mean * scale

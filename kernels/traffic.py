@@ -194,9 +194,13 @@ def _shared_in_l2(plan: GradPlan, dtype, spec) -> tuple[bool, int]:
     return window <= L2_FRACTION * spec.l2_bytes, window
 
 
-def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: bool = False) -> list:
+def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: bool = False,
+                  split_bn: bool = False) -> list:
     """The gradient kernel of `plan`, its slot reduction, and the torch ops that finish dGamma, dW
-    (`folded`: with the BatchNorm fold's logit bias and explicit V)."""
+    (`folded`: with the BatchNorm fold's logit bias and explicit V). `split_bn` (folded,
+    MODE_GRADS): the split BatchNorm backward (kernels/seat_bn_split.py), the kernel run twice,
+    a sums pass that writes no dQ, then a dq pass that reads Q again, writes dy = dq + alpha +
+    beta q and sums nothing."""
     B, M, P, N, C = plan.B, plan.M, plan.P, plan.N, plan.C
     e, acc = _esize(dtype), common.acc_dtype(dtype).itemsize
     bn, bc, k, bm = plan.block_n, common.BLOCK_C, plan.k, plan.block_m
@@ -234,8 +238,11 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     note = (f"rows shared through L2 (reuse distance {window / 2**20:.1f} MiB)" if shared else
             f"rows NOT shared through L2 (reuse distance {window / 2**20:.1f} MiB)")
     out = _operand_casts(B, N, P, C, dtype, spec, folded=folded)  # launch_grad casts gamma, W (and builds V)
-    out.append(_launch(f"seat_grad_kernel ({'fused loss' if fused else 'from saved attention'})", plan.grid,
-                       config, by, pass1 + step2, small, l2, plan.ctas, spec, dtype, note=note))
+    if split_bn:
+        out += _split_launches(plan, dtype, spec, config, by, step2, small, l2, note)
+    else:
+        out.append(_launch(f"seat_grad_kernel ({'fused loss' if fused else 'from saved attention'})", plan.grid,
+                           config, by, pass1 + step2, small, l2, plan.ctas, spec, dtype, note=note))
     sums = B * plan.slot_len * acc
     out.append(_launch("reduce_slots_kernel", (triton.cdiv(plan.slot_len, seat_plan.REDUCE_BLOCK), B),
                        {"BLOCK": seat_plan.REDUCE_BLOCK}, {"workspace": used * plan.slot_len * acc + sums}, 0, 0,
@@ -247,6 +254,23 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
                          {"parameter grads": 2 * B * N * P * acc + B * N * P * 4 + 2 * B * C * P * acc},
                          spec, dtype, flops=4 * B * N * C * P))
     return out
+
+
+def _split_launches(plan: GradPlan, dtype, spec, config, by, step2, small, l2, note) -> list:
+    """The split BatchNorm backward's two launches of the gradient kernel (grad_launches): half
+    of step 2's dots each (the sums' in the first, dq's in the second), the per-row softmax
+    gradient in both; the second reads Q (y) and the rows again, and per channel alpha, beta."""
+    if plan.mode != MODE_GRADS:
+        raise ValueError("the split BatchNorm backward runs the gradient kernel from saved attention (MODE_GRADS)")
+    sums = {k: v for k, v in by.items() if k != "dQ write"}
+    dq = {k: by[k] for k in ("Q read", "dQ write", "gamma, W, V", "attention read", "attention re-read (HBM)",
+                             "per-row in/out")}
+    dq["BN alpha, beta"] = 2 * plan.P * 4
+    dq_l2 = l2 - by["workspace"]
+    return [_launch("seat_grad_kernel (split BN: sums pass, no dQ)", plan.grid, config, sums, step2 // 2, small,
+                    l2 - by["Q read"], plan.ctas, spec, dtype, note=note),
+            _launch("seat_grad_kernel (split BN: dq pass, dy = dq + alpha + beta q)", plan.grid, config, dq,
+                    step2 // 2, small, dq_l2, plan.ctas, spec, dtype, note=note)]
 
 
 def _loss_glue(B, M, C, dtype, spec, fused: bool) -> list:
@@ -301,19 +325,22 @@ def _plan(mode, B, M, P, N, C, dtype, spec) -> GradPlan:
 
 def op_traffic(
     op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, gpu: Union[str, GPUSpec] = "H100",
-    *, design: Optional[str] = None, rescale_skipped: bool = True, folded: bool = False,
+    *, design: Optional[str] = None, rescale_skipped: bool = True, folded: bool = False, split_bn: bool = False,
 ) -> OpTraffic:
     """Launches, bytes, FLOPs and modeled time of one op on one GPU (a name in
     san_fast.gpu_specs.GPUS or a GPUSpec). For fused_loss, `design` ("fused" or "two_pass")
     overrides the launcher's choice (seat_plan.loss_design); `rescale_skipped=False` counts the
     dQ rescale that runs when the upstream gradients differ from the hint. `folded`: the
     BatchNorm-folded op (Q is then the conv output y, read the same way; the fold adds its
-    small operand ops and the logit bias)."""
+    small operand ops and the logit bias); `split_bn` with it, in training: the split BatchNorm
+    backward (grad_launches) of the ops' two-pass paths (fused_loss: design two_pass only)."""
     spec = _spec(gpu)
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: expected one of {OPS}")
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {dtype}")
+    if split_bn and not (folded and op in ("backward", "forward_backward", "fused_loss")):
+        raise ValueError(f"split_bn: a folded op with a backward, not {op!r} (folded={folded})")
     launches: list = fold_launches(B, N, P, C, dtype, spec, backward=op not in ("forward", "labels")) \
         if folded else []
     used_design = ""
@@ -323,14 +350,16 @@ def op_traffic(
     elif op == "labels":
         launches += forward_launches(B, M, P, N, C, dtype, spec, labels=True, **fwd)
     elif op == "backward":
-        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded)
+        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded, split_bn)
     elif op == "forward_backward":
         launches += forward_launches(B, M, P, N, C, dtype, spec, save_attn=True, **fwd)
-        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded)
+        launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded, split_bn)
     else:
         used_design = design or seat_plan.loss_design(B, M, P, N, C, dtype, spec)
         if used_design not in LOSS_DESIGNS:
             raise ValueError(f"design={used_design!r}: expected one of {LOSS_DESIGNS}")
+        if used_design == "fused" and split_bn:
+            raise ValueError("split_bn: the fused design has no split backward (the ops use two_pass for it)")
         if used_design == "fused":
             launches += grad_launches(_plan(MODE_LOSS_IMAGE, B, M, P, N, C, dtype, spec), dtype, spec, folded)
             launches += _loss_glue(B, M, C, dtype, spec, fused=True)
@@ -338,7 +367,7 @@ def op_traffic(
         else:
             launches += forward_launches(B, M, P, N, C, dtype, spec, save_attn=True, **fwd)
             launches += _loss_glue(B, M, C, dtype, spec, fused=False)
-            launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded)
+            launches += grad_launches(_plan(MODE_GRADS, B, M, P, N, C, dtype, spec), dtype, spec, folded, split_bn)
     by: dict = {}
     for launch in launches:
         for key, value in launch.bytes_by_tensor.items():

@@ -23,6 +23,13 @@ With impl='triton' the affine is applied inside the kernels and Q is never writt
 (kernels/seat_bn_fold.py); gradients reach scale and shift, hence BatchNorm's statistics and
 parameters. `seat_labels` also takes a `FoldedQ(y, scale, shift)` as q (what SAN.losses
 returns for the collapse monitor when it folds).
+
+`affine` may also be a `BatchStats` (a training BatchNorm's detached batch statistics of q and
+its weight and bias; san_fast.model.sync_batchnorm.batch_stats): the same op on BN(q), whose
+gradient also reaches q through the statistics. With impl='triton' and the two-pass design, the
+statistics' backward then runs inside the SEAT backward's dq pass (kernels/seat_bn_split.py:
+no elementwise pass over Q-sized tensors after it); elsewhere the statistics are recomputed
+from q differentiably and the (scale, shift) path runs.
 """
 
 from __future__ import annotations
@@ -32,14 +39,13 @@ import os
 from typing import NamedTuple, Optional, Union
 
 import torch
-from san_fast.kernels.seat_bn_fold import affine_rows_reference, folded_operands, labels_operands
+from san_fast.kernels.seat_bn_fold import BatchStats, affine_rows_reference, folded_operands, labels_operands
 from san_fast.kernels.seat_reference import (
     MAX_C,
     MAX_N,
     MIN_C,
     MIN_N,
     MIN_P,
-    as_matrix,
     as_rows,
     image_rows,
     loss_dtype,
@@ -48,16 +54,17 @@ from san_fast.kernels.seat_reference import (
     seat_reconstruct_loss_reference,
     seat_reconstruct_reference,
 )
+from san_fast.op_inputs import check_affine as _validate_affine
+from san_fast.op_inputs import check_inputs as _validate
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONSISTENCY_TARGETS = ("image", "rec_q")
 LOSS_DESIGNS = ("auto", "fused", "two_pass")
 _as_rows = as_rows  # the name other modules (bench/step_trace.py) use
 __all__ = [
     "seat_reconstruct", "seat_reconstruct_loss", "seat_labels", "FoldedQ", "seat_reconstruct_reference",
-    "seat_reconstruct_loss_reference", "seat_labels_reference", "resolve_impl", "check_impl",
+    "seat_reconstruct_loss_reference", "seat_labels_reference", "resolve_impl", "check_impl", "BatchStats",
     "MIN_N", "MAX_N", "MIN_C", "MAX_C", "MIN_P",
 ]
 
@@ -69,93 +76,6 @@ class FoldedQ(NamedTuple):
     y: torch.Tensor
     scale: torch.Tensor
     shift: torch.Tensor
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _check_tensor(name: str, t, float_only: bool = True) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if float_only and t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-
-
-def _validate(q, gamma, weight=None, bias=None, x=None):
-    """Checks shapes, dtypes and devices; returns q as rows (B,M,P), gamma (B,N,P), weight (C,P)."""
-    _check_tensor("q", q)
-    _check_tensor("gamma", gamma)
-    if q.dim() not in (3, 4):
-        raise ValueError(f"q must be (B,M,P) or channels-last (B,P,H,W), got shape {tuple(q.shape)}")
-    rows = as_rows(q)
-    bsz, m, p = rows.shape
-    if bsz < 1:
-        raise ValueError(f"q has an empty batch (B=0): shape {tuple(q.shape)}; expected at least one image")
-    if gamma.dim() != 3:
-        raise ValueError(f"gamma must be (B,N,P), got shape {tuple(gamma.shape)}")
-    if gamma.shape[0] not in (1, bsz):
-        raise ValueError(f"gamma has batch {gamma.shape[0]}, q has batch {bsz}: expected equal (or 1)")
-    if gamma.shape[2] != p:
-        raise ValueError(f"gamma's embedding length {gamma.shape[2]} does not match q's P={p}")
-    n = gamma.shape[1]
-    if not MIN_N <= n <= MAX_N:
-        raise ValueError(f"N (gamma.shape[1]) must be in {MIN_N}..{MAX_N}, got {n}")
-    if p < MIN_P:
-        raise ValueError(f"P must be at least {MIN_P} (tl.dot tiles), got {p}")
-    if m < 1:
-        raise ValueError(f"q has no pixels: shape {tuple(q.shape)}")
-    tensors = {"q": q, "gamma": gamma}
-    w2 = None
-    if weight is not None:
-        _check_tensor("weight", weight)
-        w2 = as_matrix(weight)
-        if w2.shape[1] != p:
-            raise ValueError(f"weight has {w2.shape[1]} input channels, q has P={p}")
-        c = w2.shape[0]
-        if not MIN_C <= c <= MAX_C:
-            raise ValueError(f"C (weight.shape[0]) must be in {MIN_C}..{MAX_C}, got {c}")
-        tensors["weight"] = weight
-        if bias is not None:
-            _check_tensor("bias", bias)
-            if bias.shape != (c,):
-                raise ValueError(f"bias must be ({c},) to match weight, got {tuple(bias.shape)}")
-            tensors["bias"] = bias
-        if x is not None:
-            _check_tensor("x", x)
-            if x.dim() == 3:
-                expected = (bsz, m, c)
-            elif x.dim() == 4 and q.dim() == 4:
-                expected = (bsz, c, *q.shape[2:])
-            elif x.dim() == 4:
-                expected = (bsz, c, x.shape[2], x.shape[3]) if x.shape[2] * x.shape[3] == m else None
-            else:
-                expected = None
-            if expected is None or tuple(x.shape) != expected:
-                raise ValueError(
-                    f"x must be (B,M,C)=({bsz},{m},{c}) or an image (B,C,H,W) with H*W = M matching q, "
-                    f"got {tuple(x.shape)}"
-                )
-            tensors["x"] = x
-    devices = {name: t.device for name, t in tensors.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"all inputs must be on one device, got {devices}")
-    return rows, gamma.expand(bsz, -1, -1), w2
-
-
-def _validate_affine(affine, rows: torch.Tensor):
-    """None, or (scale, shift) checked as two (P,) float tensors on q's device."""
-    if affine is None:
-        return None
-    if not isinstance(affine, (tuple, list)) or len(affine) != 2:
-        raise TypeError("affine must be None or a pair (scale, shift) of (P,) tensors")
-    p = rows.shape[-1]
-    for name, t in zip(("scale", "shift"), affine):
-        _check_tensor(f"affine {name}", t)
-        if t.shape != (p,):
-            raise ValueError(f"affine {name} must be (P,)=({p},) to match q, got {tuple(t.shape)}")
-        if t.device != rows.device:
-            raise ValueError(f"affine {name} must be on q's device {rows.device}, got {t.device}")
-    return tuple(affine)
 
 
 def resolve_impl(impl: str, device) -> str:
@@ -217,6 +137,12 @@ def seat_reconstruct(
     q's dtype (N/P of Q's bytes) so the backward reads Q once."""
     rows, gamma3, w2 = _validate(q, gamma, weight, bias)
     affine = _validate_affine(affine, rows)
+    if isinstance(affine, BatchStats):
+        if _use_triton(impl, q) and _needs_grad(rows, gamma3, w2, bias, affine.weight, affine.bias):
+            from san_fast.kernels.seat_bn_split import seat_batchnorm
+
+            return seat_batchnorm(rows, affine, gamma3, w2, bias)
+        affine = _stats_affine(affine, rows)
     if not _use_triton(impl, q):
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_reconstruct_reference(rows, gamma3, w2, bias)
@@ -269,6 +195,14 @@ def seat_reconstruct_loss(
     affine = _validate_affine(affine, rows)
     x_rows = image_rows(x)
     target_rec_q = consistency_target == "rec_q"
+    if isinstance(affine, BatchStats):
+        if _use_triton(impl, q) and _needs_grad(rows, gamma3, w2, bias, x_rows, affine.weight, affine.bias) and \
+                _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "two_pass":
+            from san_fast.kernels.seat_bn_split import seat_batchnorm
+
+            rec_q, rec_t = seat_batchnorm(rows, affine, gamma3, w2, bias)
+            return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
+        affine = _stats_affine(affine, rows)
     if not _use_triton(impl, q):
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_reconstruct_loss_reference(rows, gamma3, w2, bias, x_rows, consistency_target)
@@ -298,6 +232,8 @@ def seat_labels(
         q, affine = q.y, (q.scale, q.shift)
     rows, gamma3, _ = _validate(q, gamma)
     affine = _validate_affine(affine, rows)
+    if isinstance(affine, BatchStats):
+        affine = affine.affine()
     if not _use_triton(impl, q):
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_labels_reference(rows, gamma3)
@@ -329,6 +265,19 @@ def _folded_loss(rows, gamma, weight, bias, x_rows, target_rec_q, hints, design,
     return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
 
 
+def _stats_affine(stats: BatchStats, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN's (scale, shift) in this batch: from `stats` when no gradient is needed, else from the
+    statistics recomputed from rows (one more read), so that the gradient reaches rows through
+    them as through BatchNorm's own."""
+    if not _needs_grad(rows):
+        return stats.affine()
+    from san_fast.model.sync_batchnorm import channel_moments
+
+    mean, var = channel_moments(rows.transpose(1, 2).unsqueeze(-1), stats.eps)
+    scale = torch.rsqrt(var + stats.eps) * stats.weight.to(var.dtype)
+    return scale, stats.bias.to(var.dtype) - mean * scale
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -352,3 +301,4 @@ def _loss_design(design: str, rows: torch.Tensor, n: int, c: int) -> str:
 
 if _HAS_TRITON:
     import san_fast.kernels.seat_autograd  # noqa: F401  (registers torch.ops.san_fast.*)
+    import san_fast.kernels.seat_bn_split  # noqa: F401  (and the split BatchNorm backward's two)

@@ -15,6 +15,11 @@ def test_cases_cover_every_variant_at_the_paper_shape_only():
     assert ("sdpa", "loss") not in paper  # SDPA has no fused loss
     assert set(sm.cases("n256", gpu)) == {(v, m) for v in ("triton", "eager") for m in ("fwd", "fwdbwd", "loss")}
     assert all(v != "compiled" for v, _ in sm.cases("tiny", torch.device("cpu")))
+    # BatchNorm's backward inside the SEAT kernels against the fold's autograd path and torch.
+    assert [v for v, m in paper if m == "bnloss"] == ["triton", "fold", "eager"]
+    assert paper[-3:] == [("compiled", m) for m in ("fwd", "fwdbwd", "loss")]  # compiles last
+    fig = sm.traffic_figures(sm.PAPER, "bnloss", "triton", "H100")
+    assert fig["modeled_bytes"] > sm.traffic_figures(sm.PAPER, "loss", "triton", "H100")["modeled_bytes"]
 
 
 def test_floors_come_from_the_traffic_model():

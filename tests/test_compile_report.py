@@ -61,11 +61,13 @@ def test_every_kernel_compiles_for_arch(tmp_path, arch, dtypes):
 # The backward's 4-warp candidate (two CTAs per SM) runs at 255 registers and spills a little
 # (44 B on sm90 at N = 27, 92 B at N = 64): measured on an H200 at the paper shape it is 1.47x
 # faster than the spill-free 8-warp one (bench/results/nvidia-h200-2026-11-26), and the
-# autotuner times both on the GPU it runs on.
+# autotuner times both on the GPU it runs on. The split BatchNorm backward's sums pass (no dq
+# loop) spills less with the same candidate, on sm90 under triton 3.6 only (4 B at N = 27, 40 B
+# at N = 64); its dq pass needs about 130-210 registers and spills nothing.
 KNOWN_SPILLS = {("loss_image", 80, 27): 40, ("loss_image", 80, 64): 192, ("loss_rec_q", 80, 27): 128,
                 ("loss_rec_q", 80, 64): 440, ("loss_rec_q", 90, 64): 120,
                 ("backward", 90, 27): 48, ("backward", 90, 64): 96, ("backward", 80, 27): 48,
-                ("backward", 80, 64): 160}
+                ("backward", 80, 64): 160, ("backward_sums", 90, 27): 8, ("backward_sums", 90, 64): 48}
 
 
 def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):

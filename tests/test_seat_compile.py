@@ -63,15 +63,20 @@ def check_no_copy_of_q(codes: list[str], q_numel: int, suffix: str = "") -> None
 
 def check_folded_never_writes_q(codes: list[str], q_numel: int) -> None:
     """BatchNorm folded into the ops: they read the conv output y, and the forward allocates no
-    other buffer of Q's size (BatchNorm's output is never written); the backward reads saved y."""
+    other buffer of Q's size (BatchNorm's output is never written); the backward (the fold's,
+    or the split one's two passes: kernels/seat_bn_split.py) reads saved y."""
     forward = next(c for c in codes if "san_fast.seat_forward_folded.default" in c)
-    backward = next(c for c in codes if "san_fast.seat_backward_folded.default" in c)
+    backward = next(c for c in codes if "san_fast.seat_backward_folded" in c)
     assert "san_fast.seat_forward.default" not in forward
     y_buf = _q_argument(forward, "seat_forward_folded")
     q_sized = [name for name, numel in _buffers(forward).items() if numel == q_numel and name != y_buf]
     assert not q_sized, f"buffers of Q's size in the folded forward besides y ({y_buf}): {q_sized}"
-    y_saved = _q_argument(backward, "seat_backward_folded")
-    assert y_saved in _graph_inputs(backward), f"seat_backward_folded reads {y_saved}, not a saved tensor"
+    ops_called = set(re.findall(r"san_fast\.(seat_backward_folded\w*)\.default", backward))
+    assert ops_called in ({"seat_backward_folded"},
+                          {"seat_backward_folded_sums", "seat_backward_folded_dq_affine"}), ops_called
+    for op in ops_called:
+        y_saved = _q_argument(backward, op)
+        assert y_saved in _graph_inputs(backward), f"{op} reads {y_saved}, not a saved tensor"
 
 
 class Step(torch.nn.Module):

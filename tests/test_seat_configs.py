@@ -162,6 +162,8 @@ def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
         dq, dg, dw, dwu, s, _, _, _ = launch_grad(mode, q, gamma, weight, None, attn=attn, grad_rec_q=grq,
                                                 grad_rec_t=grt, **poisoned)
         assert dwu is None
+        _check_split_passes(q, gamma, weight, dict(attn=attn, grad_rec_q=grq, grad_rec_t=grt), plan, cfg,
+                            (dq, dg, dw, s), dtype)
         dg, dw = combine_through_values(dg, dw, s, gamma, weight)
         got = (dq, dg, dw)
         refs = reference_grads(q, gamma, weight, grq, grt, torch.float64)
@@ -176,6 +178,24 @@ def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
         names = ("rec_q", "rec_t", "dq", "dgamma", "dweight", "dweight_u")
     for name, g, r, low in zip(names, got, refs, lows):
         check(name, g, r, low, dtype)
+
+
+def _check_split_passes(q, gamma, weight, rows, plan, cfg, full, dtype):
+    """The split BatchNorm backward's passes (kernels/seat_bn_split.py) with the same plan and
+    config: the sums pass gives the full kernel's sums exactly and writes no dq; the dq pass
+    writes dq + alpha + beta q into a poisoned buffer and sums nothing."""
+    p = q.shape[-1]
+    sums = launch_grad(MODE_GRADS, q, gamma, weight, None, plan=plan, config=cfg, with_dq=False,
+                       workspace_fill=NAN, **rows)
+    assert sums[0] is None
+    for name, got, want in zip(("dgamma", "dweight", "S"), (sums[1], sums[2], sums[4]), full[1:]):
+        assert torch.equal(got, want), name
+    gen = torch.Generator().manual_seed(p)
+    alpha, beta = (torch.randn(p, generator=gen).to(DEVICE) for _ in range(2))
+    dy = launch_grad(MODE_GRADS, q, gamma, weight, None, plan=plan, config=cfg, dq=torch.full_like(q, NAN),
+                     dq_affine=(alpha, beta), **rows)[0]
+    want = full[0].double() + alpha.double() + beta.double() * q.double()
+    assert not torch.isnan(dy).any() and rel_err(dy, want) < (1e-6 if dtype == torch.float32 else 2e-3)
 
 
 @pytest.mark.parametrize("n,cfg", list(forward_cases()))

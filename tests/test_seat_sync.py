@@ -70,6 +70,14 @@ def every_op(dtype=torch.float32, inputs=None):
         # recomputes it for the second backward through the same graph.
         torch.autograd.grad(2.0 * l_rec + 0.5 * l_con, (q, gamma, weight, bias), retain_graph=True)
         torch.autograd.grad(l_rec + l_con, (q, gamma, weight, bias))
+    # BatchNorm folded with its statistics' backward in the dq pass (kernels/seat_bn_split.py).
+    var, mean = torch.var_mean(q.detach().float(), dim=(0, 2, 3), correction=0)
+    bn_w = torch.ones_like(mean).requires_grad_()
+    bn_b = torch.zeros_like(mean).requires_grad_()
+    stats = ops.BatchStats(mean, var, bn_w, bn_b, 1e-5)
+    l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design="two_pass",
+                                             affine=stats)
+    torch.autograd.grad(l_rec + l_con, (q, gamma, weight, bias, bn_w, bn_b))
     with torch.no_grad():
         ops.seat_labels(q, gamma, impl="triton")
         ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton")

@@ -20,9 +20,9 @@ Q_FP32 = B * SIDE * SIDE * P * 4  # Q in fp32
 VECTORS = 64 * P * 4  # slack for the per-channel vectors a norm reads and writes (weights, statistics)
 
 
-def traced(flags, adam="foreach", bn_folded=False, monitor_grad="off"):
+def traced(flags, adam="foreach", bn_folded=False, monitor_grad="off", bn_split=None):
     cfg = sm.config_for(TINY + flags)
-    settings = sm.resolve_settings(cfg, "H100", adam, bn_folded, monitor_grad)
+    settings = sm.resolve_settings(cfg, "H100", adam, bn_folded, monitor_grad, bn_split)
     return sm.trace_step(cfg, settings), settings
 
 
@@ -57,11 +57,67 @@ def test_eager_bytes_match_hand_counts():
 def test_compile_fuses_batchnorm_with_gelu():
     trace, settings = traced(["--amp", "off", "--seat-impl", "torch", "--compile"])
     fused = kernel_bytes(trace, settings, "fwd", ["native_batch_norm:apply", "gelu"])
-    # One pass: read the conv3x3 output, write BN1's output (GELU's backward reads it) and GELU's.
-    assert len(fused) == 1 and abs(fused[0] - 3 * Q_FP32 // 2) <= VECTORS
+    # One pass: read the conv3x3 output, write GELU's output only (BN1's is recomputed in the
+    # backward, see the partitioner test below).
+    assert len(fused) == 1 and abs(fused[0] - Q_FP32) <= VECTORS
+    # GELU's backward and BN1's two sums: read dh and the conv3x3 output, never BN1's output,
+    # and write GELU's input gradient for BN1's elementwise pass.
+    backward = kernel_bytes(trace, settings, "bwd", ["gelu_backward", "native_batch_norm_backward:sums"])
+    assert len(backward) == 1 and abs(backward[0] - 3 * Q_FP32 // 2) <= VECTORS
     eager_trace, eager_settings = traced(["--amp", "off", "--seat-impl", "torch"])
+    # Eager's GELU backward of the encoder (the largest; the ViT's are smaller): dh, BN1 out, dx.
+    eager_backward = max(kernel_bytes(eager_trace, eager_settings, "bwd", ["gelu_backward"]))
+    assert eager_backward == 3 * Q_FP32 // 2
     total = sum(k.bytes for k in step_cost.kernels(trace, settings))
     assert total < sum(k.bytes for k in step_cost.kernels(eager_trace, eager_settings))
+    assert step_cost.activation_bytes(trace, settings) == \
+        step_cost.activation_bytes(eager_trace, eager_settings) - Q_FP32 // 2
+
+
+def _saved_by_partition(partition, head) -> list:
+    """numel of each tensor the compiled forward of the pixel encoder followed by `head` saves
+    for its backward under `partition` (AOTAutograd with Inductor's decompositions, the graphs
+    run uncompiled)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.decomposition import select_decomp_table
+
+    from san_fast.model.encoders import PixelPerceptron
+
+    sizes = []
+
+    def forward_compiler(gm, _inputs):
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        sizes.extend(a.meta["val"].numel() for a in output.args[0] if "val" in getattr(a, "meta", {}))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           partition_fn=partition, decompositions=select_decomp_table())
+    torch.manual_seed(0)
+    encoder, tokens = PixelPerceptron(16), torch.randn(16, 4, requires_grad=True)
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: head(encoder(x), tokens).square().mean(), backend=backend, fullgraph=True)
+    step(torch.randn(2, 3, 8, 8)).backward()
+    torch._dynamo.reset()
+    return sizes
+
+
+@pytest.mark.parametrize("head,q_saved", [(lambda q, _: q, 1), (lambda q, t: q.flatten(2).transpose(1, 2) @ t, 2)],
+                         ids=["elementwise", "matmul"])
+def test_the_compiled_partition_recomputes_batchnorm_outputs(head, q_saved):
+    """The step model's --compile rule for saved tensors, checked against the partitioner
+    Inductor uses. Of the three (B, P/2, H, W) tensors (conv3x3 output, BN1 output, GELU
+    output) the backward keeps the conv output and GELU's (conv1x1's weight gradient reads it)
+    and recomputes BN1's. Of the two (B, P, H, W) ones (conv1x1 output, Q = BN2 output), Q is
+    recomputed when only element-wise backward ops read it, kept when a matmul's backward does.
+    The default partition, saving what the backward reads as eager does, keeps them all."""
+    from torch._functorch.partitioners import default_partition, min_cut_rematerialization_partition
+
+    half, full = 2 * 8 * 8 * 8, 2 * 16 * 8 * 8
+    min_cut = _saved_by_partition(min_cut_rematerialization_partition, head)
+    assert (min_cut.count(half), min_cut.count(full)) == (2, q_saved)
+    default = _saved_by_partition(default_partition, head)
+    assert (default.count(half), default.count(full)) == (3, 2)
 
 
 @pytest.mark.parametrize("adam,per_param", [("foreach", 72), ("fused", 28)])
@@ -74,13 +130,33 @@ def test_adam_bytes_per_parameter(adam, per_param):
 def test_bn_folding_removes_the_normalise_pass_and_the_backward_sums():
     flags = ["--amp", "off", "--seat-impl", "triton", "--compile"]
     plain, s_plain = traced(flags)
-    folded, s_folded = traced(flags, bn_folded=True)
+    folded, s_folded = traced(flags, bn_folded=True, bn_split=False)
     saved = (sum(k.bytes for k in step_cost.kernels(plain, s_plain))
              - sum(k.bytes for k in step_cost.kernels(folded, s_folded)))
     # Forward: read h, write Q; backward: read dQ and h for the two sums.
     assert abs(saved - 4 * Q_FP32) <= VECTORS
     with pytest.raises(ValueError, match="fused"):
         traced(["--seat-impl", "torch"], bn_folded=True)
+
+
+def test_split_batchnorm_backward_removes_the_elementwise_pass():
+    flags = ["--amp", "off", "--seat-impl", "triton", "--compile"]
+    folded, s_folded = traced(flags, bn_folded=True, bn_split=False)
+    split, s_split = traced(flags, bn_folded=True)  # the default where the fold runs two-pass
+    assert s_split.bn_split and s_split.seat_two_pass
+    removed = (sum(k.bytes for k in step_cost.kernels(folded, s_folded))
+               - sum(k.bytes for k in step_cost.kernels(split, s_split)))
+    from san_fast.kernels import traffic
+
+    cfg = sm.config_for(TINY + flags)
+    shape = (B, SIDE * SIDE, P, cfg.semantics(), 3)
+    extra = [traffic.op_traffic("fused_loss", *shape, torch.float32, gpu="H100", folded=True, split_bn=s,
+                                design="two_pass").total_bytes for s in (False, True)]
+    # The elementwise pass (read dq and y, write dy) goes; the SEAT op reads y once more.
+    assert abs(removed - (3 * Q_FP32 - (extra[1] - extra[0]))) <= VECTORS
+    assert step_cost.activation_bytes(split, s_split) == step_cost.activation_bytes(folded, s_folded)
+    with pytest.raises(ValueError, match="bn-split"):
+        traced(flags, bn_split=True)  # nothing folded: nothing to split
 
 
 def test_bn_folded_default_follows_fold_bn_and_the_seat_cost_counts_the_fold():

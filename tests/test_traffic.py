@@ -284,3 +284,23 @@ def test_folded_ops_add_the_fold_and_the_logit_bias_and_drop_the_values_op(op):
     fold = sum(x.total_bytes for x in fused_folded.launches if x.name.startswith("torch: BN fold"))
     values = sum(x.total_bytes for x in fused_plain.launches if x.name == "torch: V = gamma W^T")
     assert fused_folded.total_bytes - fused_plain.total_bytes == fold - values + B * N * 4
+
+
+@pytest.mark.parametrize("op", ["backward", "forward_backward", "fused_loss"])
+def test_split_batchnorm_backward_reads_q_again_and_writes_dq_once(op):
+    shape = (16, 128 * 128, 1024, 27, 3, torch.bfloat16)
+    kw = dict(design="two_pass") if op == "fused_loss" else {}
+    plain = traffic.op_traffic(op, *shape, folded=True, **kw)
+    split = traffic.op_traffic(op, *shape, folded=True, split_bn=True, **kw)
+    q_bytes = 16 * 128 * 128 * 1024 * 2
+    assert split.bytes_by_tensor["Q read"] - plain.bytes_by_tensor["Q read"] == q_bytes
+    assert split.bytes_by_tensor["dQ write"] == plain.bytes_by_tensor["dQ write"] == q_bytes
+    kernels = [launch.name for launch in split.launches if launch.name.startswith("seat_grad_kernel")]
+    assert len(kernels) == 2 and "sums pass" in kernels[0] and "dq pass" in kernels[1]
+    # The two passes share the plain kernel's dots; each computes the per-row softmax gradient.
+    grad = [launch for launch in plain.launches if launch.name.startswith("seat_grad_kernel")][0]
+    assert grad.flops < sum(launch.flops for launch in split.launches if launch.name in kernels) < 1.05 * grad.flops
+    with pytest.raises(ValueError, match="split_bn"):
+        traffic.op_traffic(op, *shape, split_bn=True, **kw)
+    with pytest.raises(ValueError, match="split_bn"):
+        traffic.op_traffic("fused_loss", *shape, folded=True, split_bn=True, design="fused")

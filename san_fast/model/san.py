@@ -16,7 +16,7 @@ from san_fast.data import input_channels
 from san_fast.model.attention import resolve_backend
 from san_fast.model.encoders import build_encoder
 from san_fast.model.generator import MultiHeadGenerator, TokenMatcher, global_batch_mean
-from san_fast.model.sync_batchnorm import batch_affine
+from san_fast.model.sync_batchnorm import batch_affine, batch_stats
 from san_fast.model.variants import build_generator_backbone
 
 
@@ -105,11 +105,14 @@ class SAN(nn.Module):
     def _encode(self, x: torch.Tensor, fold: bool):
         """(Q, None), or folded: (y, (scale, shift)) with Q = y * scale + shift per channel,
         the encoder's last BatchNorm in its current mode (its running statistics updated in
-        training, as its forward would)."""
+        training, as its forward would); in training with gradients, (y, BatchStats) where the
+        statistics come from y itself (ops: the SEAT backward differentiates through them)."""
         if not fold:
             return self.encoder(x), None
         y, y_full = self.encoder.features(x)
-        return y_full, batch_affine(self.encoder.final_bn, y)
+        # Statistics of the tensor the SEAT op reads: their backward joins its dq pass.
+        stats = batch_stats(self.encoder.final_bn, y) if y is y_full else None
+        return y_full, (stats if stats is not None else batch_affine(self.encoder.final_bn, y))
 
     def losses(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Eq. 9: reconstruction of x from Q and from Theta, plus uniformity of the semantics.
@@ -134,6 +137,8 @@ class SAN(nn.Module):
         data_terms = sum(out.values())
         out["uni"] = uniformity_loss(zeta)
         out["loss"] = data_terms + self.cfg.uniformity_weight * out["uni"]
+        if isinstance(affine, ops.BatchStats):
+            affine = affine.affine()
         monitor_q = q.detach() if affine is None else ops.FoldedQ(q.detach(), *(t.detach() for t in affine))
         return out, monitor_q, gamma.detach()
 

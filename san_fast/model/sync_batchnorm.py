@@ -17,9 +17,12 @@ san_fast::channel_moments (y read once, in its own dtype), combined over ranks u
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from san_fast.kernels.seat_bn_fold import BatchStats
 from san_fast.kernels.seat_reference import loss_dtype
 
 
@@ -135,6 +138,24 @@ def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[
         scale = scale * bn.weight.to(acc)
         return scale, bn.bias.to(acc) - mean * scale
     return scale, -mean * scale
+
+
+def batch_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Optional[BatchStats]:
+    """bn's batch statistics of y, detached, with bn's weight and bias, its running statistics
+    updated as its forward would: for the SEAT op's split BatchNorm backward
+    (kernels/seat_bn_split.py), which differentiates through the statistics itself. None where
+    that does not apply, and batch_affine serves: evaluation, no gradient, no affine parameters
+    or running statistics, or statistics global over DDP ranks (their backward all-reduces)."""
+    if not (bn.training and bn.affine and bn.track_running_stats and torch.is_grad_enabled()):
+        return None
+    if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
+        return None
+    if y.dim() != 4 or y.shape[1] != bn.num_features:
+        raise ValueError(f"batch_stats: expected y (B,{bn.num_features},H,W) for this BatchNorm, got {tuple(y.shape)}")
+    with torch.no_grad():
+        mean, var = channel_moments(y, bn.eps)
+    update_running_stats(bn, mean, var, y.numel() // y.shape[1])
+    return BatchStats(mean, var, bn.weight, bn.bias, bn.eps)
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):
