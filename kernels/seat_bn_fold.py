@@ -70,3 +70,28 @@ class BatchStats(NamedTuple):
         """(scale, shift) of BN in this batch, constants (no gradient reaches y through them)."""
         scale = torch.rsqrt(self.var + self.eps) * self.weight.to(self.var.dtype)
         return scale, self.bias.to(self.var.dtype) - self.mean * scale
+
+
+class _KnownMoments(torch.autograd.Function):
+    """(rows, mean, var) -> (mean, var): the batch moments of rows (B,M,P) over (B,M), computed
+    beforehand, given back attached to rows: no pass over rows in the forward; the backward is
+    the moments' own, one elementwise pass."""
+
+    @staticmethod
+    def forward(ctx, rows, mean, var):
+        ctx.save_for_backward(rows, mean)
+        return mean.clone(), var.clone()
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        rows, mean = ctx.saved_tensors
+        count = rows.shape[0] * rows.shape[1]
+        grad = (rows.to(mean.dtype) - mean) * (grad_var * (2.0 / count)) + grad_mean / count
+        return grad.to(rows.dtype), None, None
+
+
+def attach_moments(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mean`, `var` ((P,), detached batch moments of rows (B,M,P)) as differentiable functions
+    of rows, without reading rows again: for the fold's (scale, shift) path when the split
+    backward does not run."""
+    return _KnownMoments.apply(rows, mean.detach(), var.detach())

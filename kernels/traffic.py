@@ -43,7 +43,6 @@ design that moves ~18x Q's bytes through L2 (kernels/README.md, "Which loss desi
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import sys
 from typing import Optional, Union
 
@@ -59,9 +58,6 @@ LOSS_DESIGNS = ("fused", "two_pass")
 L2_FRACTION = 0.5
 DRIFT_ROW_BLOCKS = 2
 PAPER = {"B": 16, "M": 128 * 128, "P": 1024, "N": 27, "C": 3, "dtype": torch.bfloat16}
-SWEEP_N = (6, 27, 64, 100, 256)
-SWEEP_SIDE = (32, 64, 128, 256)
-SWEEP_B = (1, 4, 16, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,19 +376,6 @@ def op_traffic(
         modeled_ms=sum(x.modeled_ms for x in launches), l2_bytes=l2,
         l2_ms=l2 / spec.l2_hit_bytes_per_s * 1e3 if spec.l2_hit_bytes_per_s else 0.0, design=used_design,
     )
-
-
-def sweep_shapes(full: bool = False) -> list[dict]:
-    """The paper shape, then the sweep: one parameter at a time from the paper shape (or, with
-    `full`, every combination of N, side and B)."""
-    if full:
-        return [{**PAPER, "N": n, "M": side * side, "B": b}
-                for n, side, b in itertools.product(SWEEP_N, SWEEP_SIDE, SWEEP_B)]
-    shapes = [dict(PAPER)]
-    shapes += [{**PAPER, "N": n} for n in SWEEP_N if n != PAPER["N"]]
-    shapes += [{**PAPER, "M": side * side} for side in SWEEP_SIDE if side * side != PAPER["M"]]
-    shapes += [{**PAPER, "B": b} for b in SWEEP_B if b != PAPER["B"]]
-    return shapes
 
 
 def main(argv: Optional[list[str]] = None) -> int:

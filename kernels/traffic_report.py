@@ -5,10 +5,28 @@ launcher picks, modeled times. The model itself is traffic.py."""
 from __future__ import annotations
 
 import argparse
+import itertools
 from typing import Optional, Union
 
 from san_fast.gpu_specs import GPUSpec
-from san_fast.kernels.traffic import OPS, _spec, op_traffic, sweep_shapes
+from san_fast.kernels.traffic import OPS, PAPER, _spec, op_traffic
+
+SWEEP_N = (6, 27, 64, 100, 256)
+SWEEP_SIDE = (32, 64, 128, 256)
+SWEEP_B = (1, 4, 16, 64)
+
+
+def sweep_shapes(full: bool = False) -> list[dict]:
+    """The paper shape, then the sweep: one parameter at a time from the paper shape (or, with
+    `full`, every combination of N, side and B)."""
+    if full:
+        return [{**PAPER, "N": n, "M": side * side, "B": b}
+                for n, side, b in itertools.product(SWEEP_N, SWEEP_SIDE, SWEEP_B)]
+    shapes = [dict(PAPER)]
+    shapes += [{**PAPER, "N": n} for n in SWEEP_N if n != PAPER["N"]]
+    shapes += [{**PAPER, "M": side * side} for side in SWEEP_SIDE if side * side != PAPER["M"]]
+    shapes += [{**PAPER, "B": b} for b in SWEEP_B if b != PAPER["B"]]
+    return shapes
 
 
 def _shape_name(s: dict) -> str:

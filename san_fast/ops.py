@@ -28,8 +28,8 @@ returns for the collapse monitor when it folds).
 its weight and bias; san_fast.model.sync_batchnorm.batch_stats): the same op on BN(q), whose
 gradient also reaches q through the statistics. With impl='triton' and the two-pass design, the
 statistics' backward then runs inside the SEAT backward's dq pass (kernels/seat_bn_split.py:
-no elementwise pass over Q-sized tensors after it); elsewhere the statistics are recomputed
-from q differentiably and the (scale, shift) path runs.
+no elementwise pass over Q-sized tensors after it); elsewhere the (scale, shift) path runs,
+with the statistics' backward as the elementwise pass it was.
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ import os
 from typing import NamedTuple, Optional, Union
 
 import torch
-from san_fast.kernels.seat_bn_fold import BatchStats, affine_rows_reference, folded_operands, labels_operands
+from san_fast.kernels.seat_bn_fold import (
+    BatchStats,
+    affine_rows_reference,
+    attach_moments,
+    folded_operands,
+    labels_operands,
+)
 from san_fast.kernels.seat_reference import (
     MAX_C,
     MAX_N,
@@ -266,14 +272,11 @@ def _folded_loss(rows, gamma, weight, bias, x_rows, target_rec_q, hints, design,
 
 
 def _stats_affine(stats: BatchStats, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """BN's (scale, shift) in this batch: from `stats` when no gradient is needed, else from the
-    statistics recomputed from rows (one more read), so that the gradient reaches rows through
-    them as through BatchNorm's own."""
+    """BN's (scale, shift) in this batch, through which the gradient reaches rows as through
+    BatchNorm's own statistics (attach_moments: no second pass over rows)."""
     if not _needs_grad(rows):
         return stats.affine()
-    from san_fast.model.sync_batchnorm import channel_moments
-
-    mean, var = channel_moments(rows.transpose(1, 2).unsqueeze(-1), stats.eps)
+    mean, var = attach_moments(rows, stats.mean, stats.var)
     scale = torch.rsqrt(var + stats.eps) * stats.weight.to(var.dtype)
     return scale, stats.bias.to(var.dtype) - mean * scale
 

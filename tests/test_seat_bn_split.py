@@ -139,7 +139,7 @@ def _stats_of(y, bn_w, bn_b):
 
 @pytest.mark.parametrize("design,split", [("two_pass", True), ("fused", False)])
 def test_ops_route_batch_stats(monkeypatch, design, split):
-    """Two-pass: the split Function; fused (eager): the statistics recomputed from q, the fold's
+    """Two-pass: the split Function; fused (eager): the given statistics attached to q, the fold's
     (scale, shift) path; torch: the reference on BN(q). All give BatchNorm's gradients."""
     calls = []
     original = seat_bn_split.seat_batchnorm
@@ -229,3 +229,22 @@ def test_compiled_split_hands_dq_to_the_convolution_backward():
     assert "seat_backward_folded.default" not in "".join(codes)
     _, codes = _compiled_step_codes(FoldedStep)
     assert conv_input_producer(codes) is None  # the check tells the two apart
+
+
+def test_gradcheck_float64():
+    """Finite differences through the statistics too: they are recomputed from the perturbed y
+    on every call, detached, as the model computes them."""
+    gen = torch.Generator().manual_seed(5)
+    b, p, h, w, n, c = 1, 16, 2, 3, 3, 2  # small: every element costs two interpreted calls
+    y = (torch.randn(b, p, h, w, generator=gen, dtype=torch.float64) * 2 + 1).to(DEVICE).requires_grad_()
+    bn_w = (0.5 + torch.rand(p, generator=gen, dtype=torch.float64)).to(DEVICE).requires_grad_()
+    bn_b = torch.randn(p, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    gamma = torch.randn(b, n, p, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    weight = (torch.randn(c, p, generator=gen, dtype=torch.float64) / 4).to(DEVICE).requires_grad_()
+    bias = torch.randn(c, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+
+    def fn(y, bn_w, bn_b, gamma, weight, bias):
+        var, mean = torch.var_mean(y.detach(), dim=(0, 2, 3), correction=0)
+        return seat_bn_split.seat_batchnorm(_rows(y), BatchStats(mean, var, bn_w, bn_b, 1e-5), gamma, weight, bias)
+
+    assert torch.autograd.gradcheck(fn, (y, bn_w, bn_b, gamma, weight, bias), eps=1e-6, atol=1e-6, rtol=1e-4)

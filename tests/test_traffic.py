@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from san_fast.gpu_specs import GPUS
-from san_fast.kernels import seat_backward, seat_plan, traffic
+from san_fast.kernels import seat_backward, seat_plan, traffic, traffic_report
 from san_fast.kernels.seat_plan import MODE_GRADS, MODE_LOSS_IMAGE
 
 H100 = GPUS["H100"]
@@ -196,7 +196,7 @@ def _within_target(op, t, s) -> bool:
 
 @pytest.mark.parametrize("full", [False, True])
 def test_sweep_shapes_are_within_target_or_a_documented_exception(full):
-    for s in traffic.sweep_shapes(full=full):
+    for s in traffic_report.sweep_shapes(full=full):
         for op in ("backward", "forward_backward", "fused_loss"):
             t = traffic.op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"])
             assert t.total_bytes >= t.floor_bytes, (op, s)
@@ -213,7 +213,7 @@ def test_grids_fill_the_gpu(gpu):
     A100 (108 SMs) at P = 1024."""
     spec = GPUS[gpu]
     dtype = torch.float16 if gpu == "V100" else BF16
-    for s in traffic.sweep_shapes(full=True):
+    for s in traffic_report.sweep_shapes(full=True):
         if s["B"] * s["M"] < 65536:
             continue
         modes = [MODE_GRADS]
@@ -259,7 +259,7 @@ def test_large_n_is_priced_in_flops():
 def test_cli_prints_the_table(capsys):
     assert traffic.main(["--gpu", "A100", "--ops", "backward", "fused_loss"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("| shape (A100") and len(out) == 2 + 2 * len(traffic.sweep_shapes())
+    assert out[0].startswith("| shape (A100") and len(out) == 2 + 2 * len(traffic_report.sweep_shapes())
     assert all(math.isfinite(float(line.split("|")[6])) for line in out[2:])
 
 

@@ -1,0 +1,127 @@
+"""The gradient kernel's per-row-block device functions (seat_backward.py): the fused loss's
+forward and its losses' gradients, the saved rows, the softmax gradient's values term, the
+partial sums' store, and the dq sub-tiles (with the split BatchNorm backward's affine)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from san_fast.kernels.seat_forward import logits_and_rec_q, mm, tile_offsets
+
+
+@triton.jit
+def fused_loss_rows(
+    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan,
+    chan_ok,
+    low, store_rec, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp, stride_xm, stride_xc,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, OFFS64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The forward of one row block and the gradients of the two MSE losses at rec_q, rec_t
+    (without the 2/K of the means: O(1) residuals survive the cast to fp16/bf16 for tl.dot, and
+    the launcher's grad_scale = 2/K multiplies the fp32 results instead).
+
+    Returns the attention, gt (columns [0, C)) and gu: gq in columns [0, HALF), u = rec_q - x
+    in [HALF, BLOCK_C), so that one tl.dot gives both dW partial sums."""
+    # Default eviction: the K CTAs of this run read the same rows now, and this CTA reads its
+    # range again in step 2 (traffic.py's L2 rule).
+    logits, rec_q = logits_and_rec_q(
+        q_img, rows, gamma_ptr, b * N + ns, w_ptr, lb_ptr, rows_ok, n_ok, chan, chan_ok, P, tau, stride_qm, stride_qp,
+        LOGIT_BIAS, True, "", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+    )
+    row_max = tl.max(logits, axis=1)
+    e = tl.exp(logits - row_max[:, None])
+    attn = e / tl.sum(e, axis=1)[:, None]
+    v = tl.load(v_blk + ns[:, None] * C + chan[None, :], mask=n_ok[:, None] & chan_ok[None, :], other=0.0)
+    rec_t = mm(attn, v, tl.zeros((BLOCK_M, BLOCK_C), ACC), "ieee")
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + chan, mask=chan_ok, other=0.0).to(ACC)
+        rec_q += bias[None, :]
+        rec_t += bias[None, :]
+    both_ok = rows_ok[:, None] & chan_ok[None, :]
+    if store_rec:
+        out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
+        out_ok = both_ok & low[None, :]
+        tl.store(rq_ptr + b * M * C + out_offs, rec_q, mask=out_ok)
+        tl.store(rt_ptr + b * M * C + out_offs, rec_t, mask=out_ok)
+    x = tl.load(x_img + tile_offsets(rows, chan, stride_xm, stride_xc, OFFS64), mask=both_ok, other=0.0).to(ACC)
+    u = tl.where(both_ok, rec_q - x, 0.0)
+    if MODE == 1:
+        w_res = tl.where(both_ok, rec_t - x, 0.0)
+        gq = h_rec * u
+    else:
+        w_res = tl.where(both_ok, rec_t - rec_q, 0.0)
+        gq = h_rec * u - h_con * w_res
+    gt = tl.where(low[None, :], h_con * w_res, 0.0)
+    gu = tl.where(low[None, :], gq, u)
+    return attn, gt, gu
+
+
+@triton.jit
+def values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, with_s, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """da = gt V^T and, when `with_s`, acc_s += a^T gt, one real channel at a time: C <= 8 (3 in
+    SAN), so C rank-one updates cost a fifth of a dot padded to 16 columns, in exact fp32."""
+    da = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for ci in range(0, C):
+        g_col = tl.sum(tl.where(cs[None, :] == ci, gt, 0.0), axis=1)
+        v_col = tl.load(v_blk + ns * C + ci, mask=n_ok, other=0.0).to(ACC)
+        da += g_col[:, None] * v_col[None, :]
+        if with_s:
+            s_col = tl.sum(attn * g_col[:, None], axis=0)
+            acc_s += tl.where(cs[None, :] == ci, s_col[:, None], 0.0)
+    return da, acc_s
+
+
+@triton.jit
+def saved_rows(attn_img, ga_img, gt_img, rows, rows_ok, ns, n_ok, cs, c_ok, N, stride_am, stride_ac,
+               stride_tm, stride_tc, ACC: tl.constexpr, OFFS64: tl.constexpr):
+    """MODE_GRADS: a row block's saved attention and the gradients of rec_q, rec_t, in ACC."""
+    attn = tl.load(attn_img + tile_offsets(rows, ns, N, 1, OFFS64), mask=rows_ok[:, None] & n_ok[None, :], other=0.0)
+    mc_ok = rows_ok[:, None] & c_ok[None, :]
+    gu = tl.load(ga_img + tile_offsets(rows, cs, stride_am, stride_ac, OFFS64), mask=mc_ok, other=0.0)
+    gt = tl.load(gt_img + tile_offsets(rows, cs, stride_tm, stride_tc, OFFS64), mask=mc_ok, other=0.0)
+    return attn.to(ACC), gt.to(ACC), gu.to(ACC)
+
+
+@triton.jit
+def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok, cs, c_ok, w_rows, chan_ok,
+                   with_s, N, P, C, W_ROWS: tl.constexpr, LOGIT_BIAS: tl.constexpr):
+    """A run's partial sums for one image into its slot: dGamma (N x P), dW rows, and S (N x C,
+    range 0 only), then with LOGIT_BIAS the logit bias's gradient (N, column C of acc_s). Offsets are 64-bit from the slot: built here, they live only while storing."""
+    tl.store(slot_ptr + p_lo + ns[None, :] * P + p2[:, None], acc_g * grad_scale, mask=n_ok[None, :] & p2_ok[:, None])
+    tl.store(slot_ptr + p_lo + w_rows[None, :] + p2[:, None], acc_w * grad_scale, mask=chan_ok[None, :] & p2_ok[:, None])
+    if with_s:
+        tl.store(slot_ptr + (N + W_ROWS * C) * P + ns[:, None] * C + cs[None, :], acc_s * grad_scale,
+                 mask=n_ok[:, None] & c_ok[None, :])
+        if LOGIT_BIAS:  # column C of acc_s, after S
+            tl.store(slot_ptr + (N + W_ROWS * C) * P + N * C + ns[:, None] + cs[None, :] * 0, acc_s * grad_scale,
+                     mask=n_ok[:, None] & (cs == C)[None, :])
+
+
+@triton.jit
+def dq_rows(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows, rows_ok, ns,
+            n_ok, cs, c_ok, pd, p_lo, N, P, P_RANGE, stride_qm, stride_qp, stride_dqm, stride_dqp,
+            AFFINE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_PD: tl.constexpr):
+    """dq = dl Gamma + gq W of a row block over range j, in BLOCK_PD-wide sub-tiles; AFFINE adds
+    alpha + beta q per channel (q re-read per sub-tile: this pass loads no whole Q tile)."""
+    for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
+            cols = s * BLOCK_PD + pd
+            cols_ok = (cols < P_RANGE) & (p_lo + cols < P)
+            g = tl.load(gamma_ptr + tile_offsets(b * N + ns, p_lo + cols, P, 1, OFFS64),
+                        mask=n_ok[:, None] & cols_ok[None, :], other=0.0)
+            # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
+            w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
+            dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
+            dq = mm(gu_lp, w, dq, PRECISION) * grad_scale
+            ok = rows_ok[:, None] & cols_ok[None, :]
+            if AFFINE:
+                q = tl.load(q_img + tile_offsets(rows, p_lo + cols, stride_qm, stride_qp, OFFS64), mask=ok, other=0.0,
+                            eviction_policy="evict_first")
+                alpha = tl.load(alpha_ptr + p_lo + cols, mask=cols_ok, other=0.0)
+                beta = tl.load(beta_ptr + p_lo + cols, mask=cols_ok, other=0.0)
+                dq += alpha[None, :] + beta[None, :] * q.to(ACC)
+            dq_offs = tile_offsets(rows, p_lo + cols, stride_dqm, stride_dqp, OFFS64)
+            tl.store(dq_img + dq_offs, dq.to(dq_img.dtype.element_ty), mask=ok, eviction_policy="evict_first")
