@@ -197,3 +197,14 @@ def test_script_runs_from_anywhere(tmp_path):
                            "--adam", "fused"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "A100" in proc.stdout and "fused Adam" in proc.stdout
+
+
+def test_an_encoder_the_fold_cannot_be_modeled_for_is_modeled_unfolded_with_a_note():
+    """The ResNet encoder's BatchNorm runs at 1/8 resolution before the upsampling: its output is
+    not the SEAT op's Q. By default the model says so and models the step unfolded; asked for
+    the fold explicitly, it refuses."""
+    flags = TINY + ["--encoder", "resnet18", "--crop-size", "32", "--compile", "--seat-impl", "triton"]
+    table = sm.model_step(flags, ["H100"])["gpus"]["H100"]
+    assert "fold not modeled" in table["note"] and not table["settings"]["bn_folded"]
+    with pytest.raises(ValueError, match="no BatchNorm produces the Q"):
+        sm.model_step(flags, ["H100"], bn_folded=True)
