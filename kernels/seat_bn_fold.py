@@ -59,12 +59,17 @@ def labels_operands(scale: torch.Tensor, shift: torch.Tensor, gamma: torch.Tenso
 
 class BatchStats(NamedTuple):
     """A training BatchNorm's batch statistics of y (detached, (P,) each, in the accumulation
-    dtype) and its affine parameters: what the split backward needs in place of (scale, shift)."""
+    dtype) and its affine parameters: what the split backward needs in place of (scale, shift).
+    `count`: the elements they were taken over (None: y's own); `across_ranks`: taken over every
+    DDP rank's batch (then the backward sums the statistics' gradients over ranks, as
+    SyncBatchNorm does, and `count` is the global one)."""
     mean: torch.Tensor
     var: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
     eps: float
+    count: Optional[torch.Tensor] = None
+    across_ranks: bool = False
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) of BN in this batch, constants (no gradient reaches y through them)."""
@@ -72,26 +77,50 @@ class BatchStats(NamedTuple):
         return scale, self.bias.to(self.var.dtype) - self.mean * scale
 
 
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """t summed over every DDP rank (a new tensor): eager, torch.distributed.all_reduce; under
+    torch.compile the functional collective, which traces into the graph."""
+    import torch.distributed as dist
+
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", dist.group.WORLD)
+    out = t.clone()
+    dist.all_reduce(out)
+    return out
+
+
+def element_count(rows: torch.Tensor, count: Optional[torch.Tensor]):
+    """The statistics' element count: `count` when given (global), else rows' (B,M)."""
+    return rows.shape[0] * rows.shape[1] if count is None else count
+
+
 class _KnownMoments(torch.autograd.Function):
-    """(rows, mean, var) -> (mean, var): the batch moments of rows (B,M,P) over (B,M), computed
-    beforehand, given back attached to rows: no pass over rows in the forward; the backward is
-    the moments' own, one elementwise pass."""
+    """(rows, mean, var, count, across_ranks) -> (mean, var): the batch moments of rows (B,M,P)
+    over (B,M) (and over every rank's rows when `across_ranks`, `count` elements in all),
+    computed beforehand, given back attached to rows: no pass over rows in the forward; the
+    backward is the moments' own, one elementwise pass (their gradients summed over ranks
+    first when global)."""
 
     @staticmethod
-    def forward(ctx, rows, mean, var):
-        ctx.save_for_backward(rows, mean)
+    def forward(ctx, rows, mean, var, count, across_ranks):
+        ctx.save_for_backward(rows, mean, *([count] if count is not None else []))
+        ctx.across_ranks = across_ranks
         return mean.clone(), var.clone()
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var):
-        rows, mean = ctx.saved_tensors
-        count = rows.shape[0] * rows.shape[1]
+        rows, mean, *count = ctx.saved_tensors
+        if ctx.across_ranks:
+            grad_mean, grad_var = sum_over_ranks(torch.stack([grad_mean, grad_var])).unbind(0)
+        count = element_count(rows, count[0] if count else None)
         grad = (rows.to(mean.dtype) - mean) * (grad_var * (2.0 / count)) + grad_mean / count
-        return grad.to(rows.dtype), None, None
+        return grad.to(rows.dtype), None, None, None, None
 
 
-def attach_moments(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`mean`, `var` ((P,), detached batch moments of rows (B,M,P)) as differentiable functions
-    of rows, without reading rows again: for the fold's (scale, shift) path when the split
-    backward does not run."""
-    return _KnownMoments.apply(rows, mean.detach(), var.detach())
+def attach_moments(rows: torch.Tensor, stats: BatchStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """`stats`' mean and var (detached batch moments of rows (B,M,P), or of every rank's rows)
+    as differentiable functions of rows, without reading rows again: for the fold's (scale,
+    shift) path when the split backward does not run."""
+    return _KnownMoments.apply(rows, stats.mean.detach(), stats.var.detach(), stats.count, stats.across_ranks)

@@ -15,9 +15,9 @@ kernel (seat_backward.py), the backward reads y twice and writes dy once:
 against one read of y, a write of dq_direct, then a read of both and a write of dy: 2 of Q's
 bytes fewer, and no dq_direct alive next to dy. The statistics come in detached
 (BatchStats, computed once by the model) and this Function accounts for their dependence on
-y itself, so it needs them to be the batch statistics of the very tensor it reads, on one
-process (under DDP the statistics are global and san_fast.ops keeps the fold's
-autograd path).
+y itself, so it needs them to be the batch statistics of the very tensor it reads (or, under
+DDP, of every rank's: BatchStats.across_ranks, then their gradients are summed over ranks
+before alpha and beta, as SyncBatchNorm sums its two reductions).
 
 The small chain rule: the fold's operands (seat_bn_fold.folded_operands) are
 Gs = Gamma s, Ws = W s, V' = Gamma W^T - r, bias' = bias + r, lb = Gamma t with r = W t,
@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 from san_fast.kernels.seat_backward import MODE_GRADS, launch_grad
-from san_fast.kernels.seat_bn_fold import BatchStats, folded_operands
+from san_fast.kernels.seat_bn_fold import BatchStats, element_count, folded_operands, sum_over_ranks
 from san_fast.kernels.seat_reference import loss_dtype
 
 
@@ -71,9 +71,11 @@ def _(q, gamma, weight, values, logit_bias, attn, grad_rec_q, grad_rec_t, alpha,
     return torch.empty_like(q)
 
 
-def _operand_grads(small, count, d_gs, d_ws, d_values, d_lb, d_bias_f):
+def _operand_grads(small, count, across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f):
     """Gradients of gamma, W, bias, BN's weight and bias, and (alpha, beta) of y's statistics
-    over `count` elements, from those of the fold's operands (module docstring)."""
+    over `count` elements, from those of the fold's operands (module docstring). With statistics
+    `across_ranks`, their own gradients are this rank's share summed over ranks; BN's weight and
+    bias get this rank's share (DDP reduces parameter gradients itself)."""
     gamma, weight, mean, rstd, bn_weight, scale, shift = small
     acc = d_gs.dtype
     with torch.autocast(device_type=gamma.device.type, enabled=False):
@@ -84,11 +86,14 @@ def _operand_grads(small, count, d_gs, d_ws, d_values, d_lb, d_bias_f):
         g_scale = (d_gs * g).sum((0, 1)) + (d_ws * w).sum(0)
         g_shift = (d_lb.unsqueeze(-1) * g).sum((0, 1)) + w.t() @ d_r
         g_scale = g_scale - mean * g_shift  # shift = bias_bn - mean * scale
+        g_bn_w, g_bn_b = g_scale * rstd, g_shift
+        if across_ranks:
+            g_scale, g_shift = sum_over_ranks(torch.stack([g_scale, g_shift])).unbind(0)
         g_mean = -scale * g_shift
         g_var = g_scale * bn_weight.to(acc) * (-0.5) * rstd.pow(3)
         beta = g_var * (2.0 / count)
         alpha = g_mean / count - beta * mean
-    return d_gamma, d_weight, d_bias_f, g_scale * rstd, g_shift, alpha, beta
+    return d_gamma, d_weight, d_bias_f, g_bn_w, g_bn_b, alpha, beta
 
 
 class SeatBatchNormFunction(torch.autograd.Function):
@@ -97,7 +102,7 @@ class SeatBatchNormFunction(torch.autograd.Function):
     the statistics too), BN's weight and bias, gamma, W and bias."""
 
     @staticmethod
-    def forward(rows, mean, var, bn_weight, bn_bias, eps, gamma, weight, bias):
+    def forward(rows, mean, var, bn_weight, bn_bias, eps, gamma, weight, bias, count, across_ranks):
         acc = loss_dtype(rows)
         rstd = torch.rsqrt(var.to(acc) + eps)
         scale = bn_weight.to(acc) * rstd
@@ -108,18 +113,20 @@ class SeatBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        rows, mean, _, bn_weight, _, _, gamma, weight, bias = inputs
+        rows, mean, _, bn_weight, _, _, gamma, weight, bias, count, across_ranks = inputs
         _, _, attn, rstd, scale, shift, g_s, w_s, values, _, lb = output
         acc = loss_dtype(rows)
         ctx.save_for_backward(rows, attn, g_s, w_s, values, lb, gamma, weight, mean.to(acc), rstd, bn_weight, scale,
-                              shift)
-        ctx.count = rows.shape[0] * rows.shape[1]
+                              shift, *([count] if count is not None else []))
+        ctx.across_ranks = across_ranks
         ctx.dtypes = (bn_weight.dtype, gamma.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*output[2:])
 
     @staticmethod
     def backward(ctx, grad_rec_q, grad_rec_t, *_unused):
         rows, attn, g_s, w_s, values, lb, *small = ctx.saved_tensors
+        small, given_count = small[:7], small[7:]  # the global count, saved when given
+        count = element_count(rows, given_count[0] if given_count else None)
         shape = (rows.shape[0], rows.shape[1], values.shape[2])
         zeros = torch.zeros(shape, device=rows.device, dtype=rows.dtype)
         grad_rec_q = zeros if grad_rec_q is None else grad_rec_q.to(rows.dtype)
@@ -127,13 +134,13 @@ class SeatBatchNormFunction(torch.autograd.Function):
         d_gs, d_ws, d_values, d_lb = torch.ops.san_fast.seat_backward_folded_sums(
             rows, g_s, w_s, values, lb, attn, grad_rec_q, grad_rec_t)
         d_bias_f = (grad_rec_q.to(d_gs.dtype) + grad_rec_t.to(d_gs.dtype)).sum((0, 1))
-        d_gamma, d_weight, d_bias, d_bn_w, d_bn_b, alpha, beta = _operand_grads(small, ctx.count, d_gs, d_ws,
-                                                                                d_values, d_lb, d_bias_f)
+        d_gamma, d_weight, d_bias, d_bn_w, d_bn_b, alpha, beta = _operand_grads(
+            small, count, ctx.across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f)
         dy = torch.ops.san_fast.seat_backward_folded_dq_affine(rows, g_s, w_s, values, lb, attn, grad_rec_q,
                                                                grad_rec_t, alpha, beta)
         bn_dtype, gamma_dtype, weight_dtype, bias_dtype = ctx.dtypes
         return (dy, None, None, d_bn_w.to(bn_dtype), d_bn_b.to(bn_dtype), None, d_gamma.to(gamma_dtype),
-                d_weight.to(weight_dtype), None if bias_dtype is None else d_bias.to(bias_dtype))
+                d_weight.to(weight_dtype), None if bias_dtype is None else d_bias.to(bias_dtype), None, None)
 
 
 def seat_batchnorm(rows: torch.Tensor, stats: BatchStats, gamma: torch.Tensor, weight: torch.Tensor,
@@ -141,5 +148,5 @@ def seat_batchnorm(rows: torch.Tensor, stats: BatchStats, gamma: torch.Tensor, w
     """rec_q, rec_t of the SEAT op on BN(y) (training mode), `stats` y's batch statistics; see
     the module docstring."""
     out = SeatBatchNormFunction.apply(rows, stats.mean.detach(), stats.var.detach(), stats.weight, stats.bias,
-                                      float(stats.eps), gamma, weight, bias)
+                                      float(stats.eps), gamma, weight, bias, stats.count, stats.across_ranks)
     return out[0], out[1]

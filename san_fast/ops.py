@@ -276,7 +276,7 @@ def _stats_affine(stats: BatchStats, rows: torch.Tensor) -> tuple[torch.Tensor, 
     BatchNorm's own statistics (attach_moments: no second pass over rows)."""
     if not _needs_grad(rows):
         return stats.affine()
-    mean, var = attach_moments(rows, stats.mean, stats.var)
+    mean, var = attach_moments(rows, stats)
     scale = torch.rsqrt(var + stats.eps) * stats.weight.to(var.dtype)
     return scale, stats.bias.to(var.dtype) - mean * scale
 

@@ -303,11 +303,13 @@ def test_bad_affine_is_a_one_line_error():
 # --------------------------------------------------------------------------- DDP
 
 
-def _ddp_rank(rank: int):
+def _ddp_rank(rank: int, split: bool, design: str):
     """One of 2 gloo ranks: its half of the batch through GlobalBatchNorm's fold and the folded
-    Triton loss; returns its gradients and the running statistics."""
+    Triton loss (`split`: given the global statistics as BatchStats, the split BatchNorm
+    backward's path, kernels/seat_bn_split.py, or with the fused design the fold's path with the
+    statistics attached); returns its gradients and the running statistics."""
     import torch.distributed as dist
-    from san_fast.model.sync_batchnorm import GlobalBatchNorm
+    from san_fast.model.sync_batchnorm import GlobalBatchNorm, batch_stats
 
     dist.init_process_group("gloo")
     try:
@@ -318,21 +320,25 @@ def _ddp_rank(rank: int):
         bn = GlobalBatchNorm(P)
         with torch.no_grad():
             bn.weight.copy_(bn_w), bn.bias.copy_(bn_b)
-        l_rec, l_con = ops.seat_reconstruct_loss(y, gamma, weight, bias, x, impl="triton",
-                                                 affine=batch_affine(bn, y))
+        affine = batch_stats(bn, y) if split else batch_affine(bn, y)
+        assert not split or affine.across_ranks
+        l_rec, l_con = ops.seat_reconstruct_loss(y, gamma, weight, bias, x, impl="triton", affine=affine,
+                                                 design=design)
         (l_rec + l_con).backward()
         return y.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_ranks_fold_with_global_statistics():
+@pytest.mark.parametrize("split,design", [(False, "auto"), (True, "two_pass"), (True, "fused")],
+                         ids=["fold", "split", "split-stats-fused-design"])
+def test_ddp_two_ranks_fold_with_global_statistics(split, design):
     """2 gloo processes, one image each: global statistics (as SyncBatchNorm), so each rank's
     dy is its half of the one-process gradient of both ranks' losses, BN's parameter gradients
     sum to it (DDP's all-reduce), and the running statistics are the whole batch's."""
     from spawn_ranks import run_ranks
 
-    ranks = run_ranks(_ddp_rank, 2, timeout=180)
+    ranks = run_ranks(_ddp_rank, 2, split, design, timeout=180)
     y, bn_w, bn_b, gamma, weight, bias, x = [t.clone().requires_grad_(i in (0, 1, 2)) for i, t in
                                              enumerate(leaves(torch.float32, seed=5))]
     bn = torch.nn.BatchNorm2d(P)

@@ -143,16 +143,19 @@ def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[
 def batch_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Optional[BatchStats]:
     """bn's batch statistics of y, detached, with bn's weight and bias, its running statistics
     updated as its forward would: for the SEAT op's split BatchNorm backward
-    (kernels/seat_bn_split.py), which differentiates through the statistics itself. None where
-    that does not apply, and batch_affine serves: evaluation, no gradient, no affine parameters
-    or running statistics, or statistics global over DDP ranks (their backward all-reduces)."""
+    (kernels/seat_bn_split.py), which differentiates through the statistics itself. Under DDP,
+    GlobalBatchNorm's and SyncBatchNorm's statistics are every rank's (BatchStats.across_ranks).
+    None where that does not apply, and batch_affine serves: evaluation, no gradient, no affine
+    parameters or running statistics."""
     if not (bn.training and bn.affine and bn.track_running_stats and torch.is_grad_enabled()):
-        return None
-    if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
         return None
     if y.dim() != 4 or y.shape[1] != bn.num_features:
         raise ValueError(f"batch_stats: expected y (B,{bn.num_features},H,W) for this BatchNorm, got {tuple(y.shape)}")
     with torch.no_grad():
+        if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
+            mean, var, count = _global_stats(y, bn.eps)
+            update_running_stats(bn, mean, var, count)
+            return BatchStats(mean, var, bn.weight, bn.bias, bn.eps, count, across_ranks=True)
         mean, var = channel_moments(y, bn.eps)
     update_running_stats(bn, mean, var, y.numel() // y.shape[1])
     return BatchStats(mean, var, bn.weight, bn.bias, bn.eps)
