@@ -248,3 +248,43 @@ def test_gradcheck_float64():
         return seat_bn_split.seat_batchnorm(_rows(y), BatchStats(mean, var, bn_w, bn_b, 1e-5), gamma, weight, bias)
 
     assert torch.autograd.gradcheck(fn, (y, bn_w, bn_b, gamma, weight, bias), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _compiled_ddp_rank(rank: int):
+    """One of 2 gloo ranks: its image through GlobalBatchNorm's statistics and the split
+    backward, eager and compiled (aot_eager: dynamo and AOTAutograd trace the backward, the
+    statistics' gradients summed over ranks by the functional collective); returns both."""
+    import torch.distributed as dist
+    from san_fast.model.sync_batchnorm import GlobalBatchNorm
+
+    dist.init_process_group("gloo")
+    try:
+        y, bn_w, bn_b, gamma, weight, bias, x = (t[rank:rank + 1] if i in (0, 3, 6) else t
+                                                 for i, t in enumerate(leaves(torch.float32, seed=7)))
+        bn = GlobalBatchNorm(P)
+        with torch.no_grad():
+            bn.weight.copy_(bn_w), bn.bias.copy_(bn_b)
+
+        def step(y):
+            stats = batch_stats(bn, y)
+            l_rec, l_con = ops.seat_reconstruct_loss(y, gamma, weight, bias, x, impl="triton", design="two_pass",
+                                                     affine=stats)
+            return l_rec + l_con
+
+        out = []
+        for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+            y_ = y.clone().requires_grad_()
+            bn.weight.grad = None
+            fn(y_).backward()
+            out.append((y_.grad, bn.weight.grad.clone()))
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_split_under_ddp_matches_eager():
+    from spawn_ranks import run_ranks
+
+    for eager, compiled in run_ranks(_compiled_ddp_rank, 2, timeout=240):
+        for got, want in zip(compiled, eager):
+            assert rel_err(got, want) < 1e-5
