@@ -169,6 +169,7 @@ def build(variant: str, mode: str, inputs):
 
 def _bn_loss(variant: str, inputs):
     """The `bnloss` case: BatchNorm's statistics of q taken in the forward, as the model does."""
+    from san_fast.kernels.seat_bn_fold import bn_affine
     from san_fast.model.sync_batchnorm import channel_moments
 
     q, gamma, weight, bias, x, _ = inputs
@@ -188,9 +189,8 @@ def _bn_loss(variant: str, inputs):
                                                      affine=stats)
         else:
             mean, var = channel_moments(q, BN_EPS)
-            scale = torch.rsqrt(var + BN_EPS) * bn_w
             l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design="two_pass",
-                                                     affine=(scale, bn_b - mean * scale))
+                                                     affine=bn_affine(mean, var, BN_EPS, bn_w, bn_b))
         return torch.autograd.grad(l_rec + l_con, params)
     return run
 

@@ -297,23 +297,19 @@ def model_step(train_flags: list[str], gpus: list[str], adam=None, bn_folded=Non
     reported with the reason)."""
     cfg = config_for(train_flags)
     out = {"train_flags": train_flags, "gpus": {}}
-    traces: dict = {}
     for gpu in gpus:
         try:
             settings = resolve_settings(cfg, gpu, adam, bn_folded, monitor_grad, bn_split)
         except ValueError as exc:
             out["gpus"][gpu] = {"error": str(exc)}
             continue
-        # The SEAT op's cost is the traffic model's for this GPU and these settings.
-        key = (gpu, settings.amp, settings.seat_fused, settings.adam, settings.grad_scaler, settings.bn_folded,
-               settings.bn_split, settings.seat_two_pass, settings.compile)
-        if key not in traces:
-            traces[key] = trace_step(cfg, settings)
+        # One trace per GPU: the SEAT op's cost is the traffic model's for that GPU.
+        trace = trace_step(cfg, settings)
         spec = GPUS[gpu]
         if copy_gbps:
             spec = dataclasses.replace(spec, hbm_bytes_per_s=copy_gbps * 1e9)
         try:
-            out["gpus"][gpu] = floor_table(traces[key], settings, spec)
+            out["gpus"][gpu] = floor_table(trace, settings, spec)
         except ValueError as exc:
             if bn_folded is not None or not settings.bn_folded:
                 raise

@@ -43,6 +43,27 @@ def folded_operands(
         return g * s, w * s, values, bias_folded, g @ t
 
 
+def bn_affine(mean: torch.Tensor, var: torch.Tensor, eps: float, weight: Optional[torch.Tensor] = None,
+              bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's per-channel (scale, shift) from its statistics and (None: no affine)
+    parameters, in the statistics' dtype: BN(y) = y * scale + shift."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(var.dtype)
+    return scale, (-mean * scale if bias is None else bias.to(var.dtype) - mean * scale)
+
+
+def moments_grad(x: torch.Tensor, mean: torch.Tensor, grad_mean: torch.Tensor, grad_var: torch.Tensor, count,
+                 channel_dim: int) -> torch.Tensor:
+    """The gradient reaching x (channels along `channel_dim`) through its batch's per-channel mean
+    and biased variance over `count` elements: one elementwise pass, in x's dtype."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    grad = (x.to(mean.dtype) - mean.view(shape)) * (grad_var * (2.0 / count)).view(shape) \
+        + (grad_mean / count).view(shape)
+    return grad.to(x.dtype)
+
+
 def affine_rows_reference(rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """The unfused path: Q = y s + t materialised in y's dtype (as BatchNorm writes it),
     computed in fp32 (fp64 for float64 checks)."""
@@ -73,22 +94,7 @@ class BatchStats(NamedTuple):
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) of BN in this batch, constants (no gradient reaches y through them)."""
-        scale = torch.rsqrt(self.var + self.eps) * self.weight.to(self.var.dtype)
-        return scale, self.bias.to(self.var.dtype) - self.mean * scale
-
-
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """t summed over every DDP rank (a new tensor): eager, torch.distributed.all_reduce; under
-    torch.compile the functional collective, which traces into the graph."""
-    import torch.distributed as dist
-
-    if torch.compiler.is_compiling():
-        import torch.distributed._functional_collectives as funcol
-
-        return funcol.all_reduce(t, "sum", dist.group.WORLD)
-    out = t.clone()
-    dist.all_reduce(out)
-    return out
+        return bn_affine(self.mean, self.var, self.eps, self.weight, self.bias)
 
 
 def element_count(rows: torch.Tensor, count: Optional[torch.Tensor]):
@@ -113,10 +119,11 @@ class _KnownMoments(torch.autograd.Function):
     def backward(ctx, grad_mean, grad_var):
         rows, mean, *count = ctx.saved_tensors
         if ctx.across_ranks:
+            from san_fast.distributed import differentiable_all_reduce as sum_over_ranks
+
             grad_mean, grad_var = sum_over_ranks(torch.stack([grad_mean, grad_var])).unbind(0)
         count = element_count(rows, count[0] if count else None)
-        grad = (rows.to(mean.dtype) - mean) * (grad_var * (2.0 / count)) + grad_mean / count
-        return grad.to(rows.dtype), None, None, None, None
+        return moments_grad(rows, mean, grad_mean, grad_var, count, -1), None, None, None, None
 
 
 def attach_moments(rows: torch.Tensor, stats: BatchStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from san_fast.kernels.seat_autograd import _zeros_if_none
 from san_fast.kernels.seat_backward import MODE_GRADS, launch_grad
-from san_fast.kernels.seat_bn_fold import BatchStats, element_count, folded_operands, sum_over_ranks
+from san_fast.kernels.seat_bn_fold import BatchStats, bn_affine, element_count, folded_operands
 from san_fast.kernels.seat_reference import loss_dtype
 
 
@@ -71,14 +72,15 @@ def _(q, gamma, weight, values, logit_bias, attn, grad_rec_q, grad_rec_t, alpha,
     return torch.empty_like(q)
 
 
-def _operand_grads(small, count, across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f):
+def _operand_grads(small, eps, count, across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f):
     """Gradients of gamma, W, bias, BN's weight and bias, and (alpha, beta) of y's statistics
     over `count` elements, from those of the fold's operands (module docstring). With statistics
     `across_ranks`, their own gradients are this rank's share summed over ranks; BN's weight and
     bias get this rank's share (DDP reduces parameter gradients itself)."""
-    gamma, weight, mean, rstd, bn_weight, scale, shift = small
+    gamma, weight, mean, var, bn_weight, scale, shift = small
     acc = d_gs.dtype
     with torch.autocast(device_type=gamma.device.type, enabled=False):
+        rstd = torch.rsqrt(var + eps)
         g, w = gamma.to(acc), weight.to(acc)
         d_r = d_bias_f - d_values.sum((0, 1))
         d_gamma = d_gs * scale + torch.matmul(d_values, w) + d_lb.unsqueeze(-1) * shift
@@ -88,6 +90,8 @@ def _operand_grads(small, count, across_ranks, d_gs, d_ws, d_values, d_lb, d_bia
         g_scale = g_scale - mean * g_shift  # shift = bias_bn - mean * scale
         g_bn_w, g_bn_b = g_scale * rstd, g_shift
         if across_ranks:
+            from san_fast.distributed import differentiable_all_reduce as sum_over_ranks
+
             g_scale, g_shift = sum_over_ranks(torch.stack([g_scale, g_shift])).unbind(0)
         g_mean = -scale * g_shift
         g_var = g_scale * bn_weight.to(acc) * (-0.5) * rstd.pow(3)
@@ -104,21 +108,19 @@ class SeatBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(rows, mean, var, bn_weight, bn_bias, eps, gamma, weight, bias, count, across_ranks):
         acc = loss_dtype(rows)
-        rstd = torch.rsqrt(var.to(acc) + eps)
-        scale = bn_weight.to(acc) * rstd
-        shift = bn_bias.to(acc) - mean.to(acc) * scale
+        scale, shift = bn_affine(mean.to(acc), var.to(acc), eps, bn_weight, bn_bias)
         operands = folded_operands(scale, shift, gamma, weight, bias, acc)
         rec_q, rec_t, attn = torch.ops.san_fast.seat_forward_folded(rows, *operands, True)
-        return rec_q, rec_t, attn, rstd, scale, shift, *operands
+        return rec_q, rec_t, attn, scale, shift, *operands
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        rows, mean, _, bn_weight, _, _, gamma, weight, bias, count, across_ranks = inputs
-        _, _, attn, rstd, scale, shift, g_s, w_s, values, _, lb = output
+        rows, mean, var, bn_weight, _, eps, gamma, weight, bias, count, across_ranks = inputs
+        _, _, attn, scale, shift, g_s, w_s, values, _, lb = output
         acc = loss_dtype(rows)
-        ctx.save_for_backward(rows, attn, g_s, w_s, values, lb, gamma, weight, mean.to(acc), rstd, bn_weight, scale,
-                              shift, *([count] if count is not None else []))
-        ctx.across_ranks = across_ranks
+        ctx.save_for_backward(rows, attn, g_s, w_s, values, lb, gamma, weight, mean.to(acc), var.to(acc), bn_weight,
+                              scale, shift, *([count] if count is not None else []))
+        ctx.eps, ctx.across_ranks = eps, across_ranks
         ctx.dtypes = (bn_weight.dtype, gamma.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*output[2:])
 
@@ -128,14 +130,13 @@ class SeatBatchNormFunction(torch.autograd.Function):
         small, given_count = small[:7], small[7:]  # the global count, saved when given
         count = element_count(rows, given_count[0] if given_count else None)
         shape = (rows.shape[0], rows.shape[1], values.shape[2])
-        zeros = torch.zeros(shape, device=rows.device, dtype=rows.dtype)
-        grad_rec_q = zeros if grad_rec_q is None else grad_rec_q.to(rows.dtype)
-        grad_rec_t = zeros if grad_rec_t is None else grad_rec_t.to(rows.dtype)
+        grad_rec_q = _zeros_if_none(grad_rec_q, shape, rows).to(rows.dtype)
+        grad_rec_t = _zeros_if_none(grad_rec_t, shape, rows).to(rows.dtype)
         d_gs, d_ws, d_values, d_lb = torch.ops.san_fast.seat_backward_folded_sums(
             rows, g_s, w_s, values, lb, attn, grad_rec_q, grad_rec_t)
         d_bias_f = (grad_rec_q.to(d_gs.dtype) + grad_rec_t.to(d_gs.dtype)).sum((0, 1))
         d_gamma, d_weight, d_bias, d_bn_w, d_bn_b, alpha, beta = _operand_grads(
-            small, count, ctx.across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f)
+            small, ctx.eps, count, ctx.across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f)
         dy = torch.ops.san_fast.seat_backward_folded_dq_affine(rows, g_s, w_s, values, lb, attn, grad_rec_q,
                                                                grad_rec_t, alpha, beta)
         bn_dtype, gamma_dtype, weight_dtype, bias_dtype = ctx.dtypes

@@ -43,6 +43,7 @@ from san_fast.kernels.seat_bn_fold import (
     BatchStats,
     affine_rows_reference,
     attach_moments,
+    bn_affine,
     folded_operands,
     labels_operands,
 )
@@ -276,9 +277,7 @@ def _stats_affine(stats: BatchStats, rows: torch.Tensor) -> tuple[torch.Tensor, 
     BatchNorm's own statistics (attach_moments: no second pass over rows)."""
     if not _needs_grad(rows):
         return stats.affine()
-    mean, var = attach_moments(rows, stats)
-    scale = torch.rsqrt(var + stats.eps) * stats.weight.to(var.dtype)
-    return scale, stats.bias.to(var.dtype) - mean * scale
+    return bn_affine(*attach_moments(rows, stats), stats.eps, stats.weight, stats.bias)
 
 
 def _needs_grad(*tensors) -> bool:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from san_fast.kernels.seat_bn_fold import BatchStats
+from san_fast.kernels.seat_bn_fold import BatchStats, bn_affine, moments_grad
 from san_fast.kernels.seat_reference import loss_dtype
 
 
@@ -64,14 +64,10 @@ def _moments_setup(ctx, inputs, output) -> None:
 
 def _moments_backward(ctx, grad_mean, grad_var):
     y, mean = ctx.saved_tensors
-    count = y.numel() // y.shape[1]
-    shape = (1, -1, 1, 1)
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
     # One elementwise pass over y in its own dtype (inductor fuses it under torch.compile).
-    grad = (y.to(mean.dtype) - mean.view(shape)) * (grad_var * (2.0 / count)).view(shape) \
-        + (grad_mean / count).view(shape)
-    return grad.to(y.dtype), None
+    return moments_grad(y, mean, grad_mean, grad_var, y.numel() // y.shape[1], 1), None
 
 
 channel_moments.register_autograd(_moments_backward, setup_context=_moments_setup)
@@ -114,30 +110,33 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
         running.mul_(1 - factor).add_(batch.to(running.dtype) * factor)
 
 
+def _check_input(caller: str, bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> None:
+    if y.dim() != 4 or y.shape[1] != bn.num_features:
+        raise ValueError(f"{caller}: expected y (B,{bn.num_features},H,W) for this BatchNorm, got {tuple(y.shape)}")
+
+
+def _batch_moments(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor):
+    """(mean, var, count, across_ranks) of y's batch: every rank's for GlobalBatchNorm and
+    SyncBatchNorm under DDP (count a tensor then), else y's own (count a Python number)."""
+    if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
+        return (*_global_stats(y, bn.eps), True)
+    return (*channel_moments(y, bn.eps), y.numel() // y.shape[1], False)
+
+
 def batch_affine(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift), (C,) each, with bn(y) == y * scale + shift per channel, in bn's mode:
     batch statistics in training (over every rank for GlobalBatchNorm and SyncBatchNorm under
     DDP) with the running statistics updated as bn's own forward would, running statistics in
     evaluation. fp32 (fp64 for a float64 y); differentiable in y and bn's parameters."""
-    if y.dim() != 4 or y.shape[1] != bn.num_features:
-        raise ValueError(f"batch_affine: expected y (B,{bn.num_features},H,W) for this BatchNorm, "
-                         f"got {tuple(y.shape)}")
+    _check_input("batch_affine", bn, y)
     acc = loss_dtype(y)
     if bn.training or bn.running_mean is None:
-        if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
-            mean, var, count = _global_stats(y, bn.eps)
-        else:
-            mean, var = channel_moments(y, bn.eps)
-            count = y.numel() // y.shape[1]
+        mean, var, count, _ = _batch_moments(bn, y)
         if bn.training and bn.track_running_stats:
             update_running_stats(bn, mean.detach(), var.detach(), count)
     else:
         mean, var = bn.running_mean.to(acc), bn.running_var.to(acc)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.affine:
-        scale = scale * bn.weight.to(acc)
-        return scale, bn.bias.to(acc) - mean * scale
-    return scale, -mean * scale
+    return bn_affine(mean, var, bn.eps, *((bn.weight, bn.bias) if bn.affine else ()))
 
 
 def batch_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Optional[BatchStats]:
@@ -149,16 +148,11 @@ def batch_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Optiona
     parameters or running statistics."""
     if not (bn.training and bn.affine and bn.track_running_stats and torch.is_grad_enabled()):
         return None
-    if y.dim() != 4 or y.shape[1] != bn.num_features:
-        raise ValueError(f"batch_stats: expected y (B,{bn.num_features},H,W) for this BatchNorm, got {tuple(y.shape)}")
+    _check_input("batch_stats", bn, y)
     with torch.no_grad():
-        if _distributed() and isinstance(bn, (GlobalBatchNorm, nn.SyncBatchNorm)):
-            mean, var, count = _global_stats(y, bn.eps)
-            update_running_stats(bn, mean, var, count)
-            return BatchStats(mean, var, bn.weight, bn.bias, bn.eps, count, across_ranks=True)
-        mean, var = channel_moments(y, bn.eps)
-    update_running_stats(bn, mean, var, y.numel() // y.shape[1])
-    return BatchStats(mean, var, bn.weight, bn.bias, bn.eps)
+        mean, var, count, across_ranks = _batch_moments(bn, y)
+    update_running_stats(bn, mean, var, count)
+    return BatchStats(mean, var, bn.weight, bn.bias, bn.eps, count if across_ranks else None, across_ranks)
 
 
 class GlobalBatchNorm(nn.BatchNorm2d):
