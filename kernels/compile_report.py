@@ -58,6 +58,9 @@ class Row:
     fits: Optional[bool] = None
     seconds: float = 0.0
     error: str = ""
+    # False where no launcher picks this kernel on its own: the fused loss above
+    # seat_plan.FUSED_LOSS_MAX_BLOCK_N (two_pass runs there; design="fused" still can).
+    chosen: bool = True
 
 
 @dataclasses.dataclass
@@ -200,7 +203,7 @@ def compile_kind(
             tiles = [k for k in ("BLOCK_M", "BLOCK_P", "BLOCK_P2", "BLOCK_PD") if k in constexprs and autotuned]
             label = ",".join(f"{k[6:]}={constexprs[k]}" for k in tiles)
             label = f"{label + ',' if label else ''}w={warps},s={stages}"
-            row = Row(kind, fn.__name__, dtype, arch, n, label, ok=False)
+            row = Row(kind, fn.__name__, dtype, arch, n, label, ok=False, chosen=_chosen(kind, n))
             start = time.perf_counter()
             try:
                 target = GPUTarget("cuda", arch, 32)
@@ -217,6 +220,12 @@ def compile_kind(
     return rows
 
 
+def _chosen(kind: str, n: int) -> bool:
+    from san_fast.kernels import seat_common, seat_plan
+
+    return not (kind.startswith("loss_") and seat_common.block_n(n) > seat_plan.FUSED_LOSS_MAX_BLOCK_N)
+
+
 def summarise(rows: list[Row]) -> tuple[list[str], bool]:
     """One line per (kind, dtype, arch, N): how many configs compile, fit, and run without spills."""
     groups: dict = {}
@@ -231,9 +240,10 @@ def summarise(rows: list[Row]) -> tuple[list[str], bool]:
         good = good and verdict == "ok"
         least = min(fitting, key=lambda r: (r.spill_bytes or 0, r.registers or 0), default=None)
         best = f"least spill {least.config} ({least.registers} regs, {least.spill_bytes} B)" if least else "-"
+        unused = "" if group[0].chosen else "  (not chosen: the launcher runs two_pass at this N)"
         lines.append(
             f"{kind:11s} {kernel:22s} {dtype:5s} sm{arch} N={n:<4d} compiled {len(compiled)}/{len(group)}, "
-            f"fit shared {len(fitting)}, spill-free {len(clean)}  {verdict}  {best}"
+            f"fit shared {len(fitting)}, spill-free {len(clean)}  {verdict}  {best}{unused}"
         )
     return lines, good
 

@@ -32,7 +32,8 @@ import triton.language as tl
 from san_fast.kernels import seat_common as common
 from san_fast.kernels import seat_plan
 from san_fast.kernels.seat_forward import mm, tile_offsets, values_matrix
-from san_fast.kernels.seat_grad_rows import dq_rows, fused_loss_rows, saved_rows, store_partials, values_grad
+from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_values_grad, saved_rows, store_partials,
+                                             values_grad)
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
 PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -53,7 +54,7 @@ def seat_grad_kernel(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr, PASS: tl.constexpr = 0,
+    BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr, PASS: tl.constexpr = 0, PACK_W: tl.constexpr = False,
 ):
     """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
     gt_ptr: grad of rec_t (MODE_GRADS only). With LOGIT_BIAS the logits carry lb (B,N) and the
@@ -61,7 +62,13 @@ def seat_grad_kernel(
 
     PASS (MODE_GRADS): PASS_BOTH, the sums and dq; PASS_SUMS, the sums only (no dq written);
     PASS_DQ_AFFINE, dq only, written as dq + alpha + beta q per channel (alpha_ptr, beta_ptr: (P,)
-    in ACC), no sums: the split BatchNorm backward (kernels/seat_bn_split.py)."""
+    in ACC), no sums: the split BatchNorm backward (kernels/seat_bn_split.py).
+
+    PACK_W (the launcher sets it when N + W_ROWS * C <= BLOCK_N <= 64): gu's columns ride in dl's
+    padding columns N, N + 1, ..., so one dot gives dGamma and dW together (acc_g's columns
+    [N, N + W_ROWS C) are the slot's dW rows, which follow dGamma's there) and one dot gives dq
+    from Gamma with W's rows below it. It frees acc_w's registers (BLOCK_P2 x 16 fp32) and a
+    dot per tile: at N = 27 that is what lets the 4-warp tile fit 255 registers."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
@@ -125,6 +132,8 @@ def seat_grad_kernel(
         dl = tl.where(rows_ok[:, None] & n_ok[None, :], dl * tau, 0.0)
         if LOGIT_BIAS and PASS != PASS_DQ_AFFINE:
             acc_s += tl.where((cs[None, :] == C) & (j == 0), tl.sum(dl, axis=0)[:, None], 0.0)
+        if PACK_W:
+            dl = pack_values_grad(dl, gu, ns, cs, N, C, HALF, W_ROWS)
         dl_lp = dl.to(q_dtype)
         gu_lp = gu.to(q_dtype)
 
@@ -135,16 +144,17 @@ def seat_grad_kernel(
                          eviction_policy="evict_first")
             q2_t = tl.trans(q2)
             acc_g = mm(q2_t, dl_lp, acc_g, PRECISION)
-            acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
+            if not PACK_W:
+                acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
         if PASS != PASS_SUMS:
             dq_rows(q_img, dq_ptr + b * stride_dqb, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale,
-                    b, rows, rows_ok, ns, n_ok, cs, c_ok, pd, p_lo, N, P, P_RANGE, stride_qm, stride_qp, stride_dqm,
-                    stride_dqp, PASS == PASS_DQ_AFFINE, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD)
+                    b, rows, rows_ok, ns, n_ok, cs, c_ok, pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp, stride_dqm,
+                    stride_dqp, PASS == PASS_DQ_AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD)
 
         if PASS != PASS_DQ_AFFINE:
             if (rb == n_rb - 1) | (it == end - 1):
                 store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns,
-                               n_ok, cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS)
+                               n_ok, cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS, PACK_W)
                 acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
                 acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
                 acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
@@ -277,7 +287,8 @@ def launch_grad(
             row_t.stride(0), row_t.stride(1), row_t.stride(2),
             MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
-            BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass, **meta,
+            BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass,
+            PACK_W=plan.packs_w, **meta,
         )
         if grad_pass == PASS_DQ_AFFINE.value:
             return dq, None, None, None, None, None, None, None

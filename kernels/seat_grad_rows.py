@@ -75,6 +75,19 @@ def values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, with_s, ACC: tl.constex
 
 
 @triton.jit
+def pack_values_grad(dl, gu, ns, cs, N, C, HALF: tl.constexpr, W_ROWS: tl.constexpr):
+    """dl with gu's columns in its zero padding: gu column ci (gq) at N + ci and, in the fused
+    modes, column HALF + ci (u) at N + C + ci, the order of the dW rows in a workspace slot."""
+    for ci in range(0, C):
+        col = tl.sum(tl.where(cs[None, :] == ci, gu, 0.0), axis=1)
+        dl += tl.where(ns[None, :] == N + ci, col[:, None], 0.0)
+        if W_ROWS == 2:
+            col = tl.sum(tl.where(cs[None, :] == HALF + ci, gu, 0.0), axis=1)
+            dl += tl.where(ns[None, :] == N + C + ci, col[:, None], 0.0)
+    return dl
+
+
+@triton.jit
 def saved_rows(attn_img, ga_img, gt_img, rows, rows_ok, ns, n_ok, cs, c_ok, N, stride_am, stride_ac,
                stride_tm, stride_tc, ACC: tl.constexpr, OFFS64: tl.constexpr):
     """MODE_GRADS: a row block's saved attention and the gradients of rec_q, rec_t, in ACC."""
@@ -87,11 +100,17 @@ def saved_rows(attn_img, ga_img, gt_img, rows, rows_ok, ns, n_ok, cs, c_ok, N, s
 
 @triton.jit
 def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok, cs, c_ok, w_rows, chan_ok,
-                   with_s, N, P, C, W_ROWS: tl.constexpr, LOGIT_BIAS: tl.constexpr):
+                   with_s, N, P, C, W_ROWS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PACK_W: tl.constexpr):
     """A run's partial sums for one image into its slot: dGamma (N x P), dW rows, and S (N x C,
-    range 0 only), then with LOGIT_BIAS the logit bias's gradient (N, column C of acc_s). Offsets are 64-bit from the slot: built here, they live only while storing."""
-    tl.store(slot_ptr + p_lo + ns[None, :] * P + p2[:, None], acc_g * grad_scale, mask=n_ok[None, :] & p2_ok[:, None])
-    tl.store(slot_ptr + p_lo + w_rows[None, :] + p2[:, None], acc_w * grad_scale, mask=chan_ok[None, :] & p2_ok[:, None])
+    range 0 only), then with LOGIT_BIAS the logit bias's gradient (N, column C of acc_s). Offsets are 64-bit from the slot: built here, they live only while storing.
+    With PACK_W acc_g's columns [N, N + W_ROWS C) hold the dW rows, which follow dGamma's."""
+    if PACK_W:
+        g_ok = ns < N + W_ROWS * C
+    else:
+        g_ok = n_ok
+        tl.store(slot_ptr + p_lo + w_rows[None, :] + p2[:, None], acc_w * grad_scale,
+                 mask=chan_ok[None, :] & p2_ok[:, None])
+    tl.store(slot_ptr + p_lo + ns[None, :] * P + p2[:, None], acc_g * grad_scale, mask=g_ok[None, :] & p2_ok[:, None])
     if with_s:
         tl.store(slot_ptr + (N + W_ROWS * C) * P + ns[:, None] * C + cs[None, :], acc_s * grad_scale,
                  mask=n_ok[:, None] & c_ok[None, :])
@@ -102,20 +121,30 @@ def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, n
 
 @triton.jit
 def dq_rows(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows, rows_ok, ns,
-            n_ok, cs, c_ok, pd, p_lo, N, P, P_RANGE, stride_qm, stride_qp, stride_dqm, stride_dqp,
-            AFFINE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_PD: tl.constexpr):
+            n_ok, cs, c_ok, pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp, stride_dqm, stride_dqp,
+            AFFINE: tl.constexpr, PACK_W: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+            OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_PD: tl.constexpr):
     """dq = dl Gamma + gq W of a row block over range j, in BLOCK_PD-wide sub-tiles; AFFINE adds
-    alpha + beta q per channel (q re-read per sub-tile: this pass loads no whole Q tile)."""
+    alpha + beta q per channel (q re-read per sub-tile: this pass loads no whole Q tile). With
+    PACK_W dl carries gq in columns [N, N + C) and W's rows go under Gamma's: one dot."""
     for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
             cols = s * BLOCK_PD + pd
             cols_ok = (cols < P_RANGE) & (p_lo + cols < P)
             g = tl.load(gamma_ptr + tile_offsets(b * N + ns, p_lo + cols, P, 1, OFFS64),
                         mask=n_ok[:, None] & cols_ok[None, :], other=0.0)
-            # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
-            w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :], other=0.0)
-            dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
-            dq = mm(gu_lp, w, dq, PRECISION) * grad_scale
+            if PACK_W:
+                # Rows [N, N + C) of the operand are W's; the u columns (fused modes) meet zeros.
+                w_row = tl.where(ns >= N, ns - N, 0)
+                w_ok = (ns >= N) & (ns < N + C)
+                g += tl.load(w_ptr + p_lo + w_row[:, None] * P + cols[None, :], mask=w_ok[:, None] & cols_ok[None, :],
+                             other=0.0)
+                dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION) * grad_scale
+            else:
+                # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
+                w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :],
+                            other=0.0)
+                dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
+                dq = mm(gu_lp, w, dq, PRECISION) * grad_scale
             ok = rows_ok[:, None] & cols_ok[None, :]
             if AFFINE:
                 q = tl.load(q_img + tile_offsets(rows, p_lo + cols, stride_qm, stride_qp, OFFS64), mask=ok, other=0.0,

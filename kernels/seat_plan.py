@@ -17,15 +17,16 @@ The gradient kernel (seat_backward.py) runs a persistent, lockstep grid (K, T):
   (T + B - 1 slots): runs are contiguous, so (c, b) pairs along them have distinct c + b.
   reduce_slots_kernel sums each image's slots in a fixed order: deterministic, no atomics.
 
-K * T is at most the SM count times CTAS_PER_SM (the backward's 4-warp configs fit two CTAs per
-SM; the fused loss runs near 255 registers per thread, one CTA per SM), and T is the same for
-every range so that the K CTAs sharing rows stay in step.
+K * T is at most the SM count times ctas_per_sm (two where the bucket's candidates include a
+4-warp config, which fits two CTAs per SM; else one: the 8-warp configs run near 255 registers
+per thread), and T is the same for every range so that the K CTAs sharing rows stay in step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -49,39 +50,44 @@ FORWARD_TRIPLES = {
     256: [(64, 32, 8, 2), (32, 64, 8, 3)],
 }
 # Gradient kernel tiles the planner chooses among: (BLOCK_M, BLOCK_P2) per padded-N bucket.
-# The accumulators (BLOCK_P2 x BLOCK_N and BLOCK_P2 x 16, fp32) live in registers across the
-# whole persistent loop. Chosen from offline compiles (compile_report.py, JIT specialization,
-# triton 3.9 and 3.6): at N <= 64 the widest ranges without spills for bf16 on sm90 and sm80,
-# except the fused loss on sm80 (it spills at every range width) and its rec_q mode at N = 64 on
-# sm90 under triton 3.6 (16 B). Above N = 64 the least-spilling.
+# The accumulators (BLOCK_P2 x BLOCK_N and, unless dW rides in dGamma's padding columns
+# (GradPlan.packs_w), BLOCK_P2 x 16, fp32) live in registers across the whole persistent loop.
+# Chosen from offline compiles (compile_report.py, JIT specialization, triton 3.9 and 3.6): at
+# N <= 64 every candidate below compiles without spills for bf16 on sm90 and sm80
+# (tests/test_compile_report.py holds it); above N = 64 the least-spilling.
 GRAD_TILES = {
     "backward": {32: [(64, 128)], 64: [(32, 64)], 128: [(32, 64)], 256: [(16, 64)]},
-    "loss": {32: [(64, 128)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
+    "loss": {32: [(32, 64)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
 }
 # Autotuned at run time (they change no byte the kernel moves): the dQ sub-tile width
 # BLOCK_PD, and for the fused loss the pass-1 chunk BLOCK_P; warps, stages.
 # Backward, N <= 32, measured on an H200 (bench/seat_sweep.py, bench/results/nvidia-h200-2026-11-26):
-# 4 warps with two CTAs per SM 0.82 ms, 8 warps with one 1.20 ms; the other buckets keep an
-# 8-warp candidate beside the 4-warp one until a sweep measures them.
+# 4 warps with two CTAs per SM 0.82 ms, 8 warps with one 1.20 ms. At N = 64 the 4-warp
+# candidate spills at every tile tried (dGamma's 64 columns leave no padding for dW), so the
+# bucket runs 8 warps, one CTA per SM, until a sweep there says otherwise.
 GRAD_TUNE = {
-    "backward": {32: [(64, 4, 2), (64, 8, 2)], 64: [(64, 4, 2), (64, 8, 2)], 128: [(64, 4, 2), (32, 8, 2)],
+    "backward": {32: [(64, 4, 2), (64, 8, 2)], 64: [(64, 8, 2)], 128: [(64, 4, 2), (32, 8, 2)],
                  256: [(32, 4, 2), (32, 8, 2)]},
-    "loss": {32: [(32, 64, 8, 2), (32, 64, 8, 3)], 64: [(32, 64, 8, 2)],
+    "loss": {32: [(64, 64, 8, 2)], 64: [(32, 64, 8, 2)],
              128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
 }
+# The fused loss's kernel (its pass over whole Q rows plus the gradient's accumulators) fits in
+# 255 registers without spills on sm80 and sm90 only up to this padded N: above it the launcher
+# runs two_pass (loss_design); design="fused" still runs it there (kernels/README.md).
+FUSED_LOSS_MAX_BLOCK_N = 32
 # Under the interpreter every program runs in numpy one after another: large tiles, one config
 # (autotuning several configs does not work there).
 INTERPRETER_FORWARD = (64, 64, 4, 1)
 INTERPRETER_GRAD_TILE = (64, 64)
 INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1)}
 INTERPRETER_SMS = 4
-# Resident CTAs per SM the grid is sized for (module docstring).
-CTAS_PER_SM = {"backward": 2, "loss": 1}
 REDUCE_BLOCK = 1024
 # Problems of at least FILL_ROWS rows get a plan with a CTA per SM when one is modeled within
 # FILL_SLACK of the fastest plan (issue 8's "grids that fill the GPU").
 FILL_ROWS = 65536
 FILL_SLACK = 1.10
+# At most this many exact waves of CTAs in a wave-filling plan (grad_plan_candidates).
+MAX_WAVES = 4
 
 
 def bucket(bn: int) -> int:
@@ -99,6 +105,12 @@ def forward_configs(bn: int, interpreter: Optional[bool] = None) -> list:
 
 def grad_kind(mode: int) -> str:
     return "loss" if mode in LOSS_MODES else "backward"
+
+
+def ctas_per_sm(kind: str, bn: int) -> int:
+    """Resident CTAs per SM the grid is sized for: two where a 4-warp candidate can run (at up
+    to 255 registers, 128 threads: two fit an SM's 64K registers), else one."""
+    return 2 if any(t[-2] == 4 for t in GRAD_TUNE[kind][bucket(bn)]) else 1
 
 
 def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None) -> list:
@@ -171,6 +183,13 @@ class GradPlan:
         return 2 if self.mode in LOSS_MODES else 1
 
     @property
+    def packs_w(self) -> bool:
+        """dW rides in dGamma's padding columns (seat_grad_kernel's PACK_W): where they fit, up
+        to BLOCK_N = 64. Above it the compile report showed no gain (N = 100: 220 B of spills
+        packed against 132 unpacked with 8 warps on sm90)."""
+        return self.N + self.w_rows * self.C <= self.block_n <= 64
+
+    @property
     def slots(self) -> int:
         return self.ctas_per_range + self.B - 1
 
@@ -227,11 +246,19 @@ def grad_plan_candidates(
             if ctas_per_range is not None:
                 runs = [ctas_per_range]
             else:
-                # One CTA per SM, or (small problems, where each CTA's partial sums would
-                # outweigh its rows) halvings of it.
-                runs = [max(1, sms * CTAS_PER_SM[grad_kind(mode)] // k)]
+                # A CTA per resident slot, or (small problems, where each CTA's partial sums
+                # would outweigh its rows) halvings of it.
+                resident = sms * ctas_per_sm(grad_kind(mode), bn)
+                runs = [max(1, resident // k)]
                 while runs[-1] > 1:
                     runs.append(runs[-1] // 2)
+                # Where one wave of whole runs leaves SMs without a CTA (K not dividing the
+                # resident slots: an A100's 108 SMs with one CTA per SM, where no range width
+                # that is a multiple of 16 gives such a K), K*T = lcm(K, slots) fills every SM
+                # in a few exact waves.
+                waves = k // math.gcd(k, resident)
+                if runs[0] * k < sms and 1 < waves <= MAX_WAVES:
+                    runs.append(resident // math.gcd(k, resident))
             for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):
                 plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t))
     return plans
@@ -278,9 +305,12 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
 @functools.lru_cache(maxsize=256)
 def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec) -> str:
     """'fused' (one pass: every gradient computed in the forward) or 'two_pass' (forward saving
-    the attention, exact backward), whichever the traffic model says is faster."""
+    the attention, exact backward), whichever the traffic model says is faster; two_pass where
+    the fused kernel would spill (N above FUSED_LOSS_MAX_BLOCK_N)."""
     from san_fast.kernels import traffic
 
+    if common.block_n(N) > FUSED_LOSS_MAX_BLOCK_N:
+        return "two_pass"
     ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d).modeled_ms
           for d in ("fused", "two_pass")}
     return "fused" if ms["fused"] <= ms["two_pass"] else "two_pass"

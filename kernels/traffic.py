@@ -220,7 +220,8 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     items = plan.items * k  # row blocks visited, all CTAs
     gamma_l2 = items * N * (plan.p_range + (P if fused else 0)) * e  # step 2's range; pass 1's whole rows
     l2 = row_l2 + q_bytes + gamma_l2 + by["workspace"]
-    step2 = 2 * items * bm * plan.block_p2 * 2 * (bn + bc)  # dGamma, dW, dq dots
+    # dGamma, dW, dq dots; packed, dW rides in dGamma's dot and W under Gamma in dq's (PACK_W)
+    step2 = 2 * items * bm * plan.block_p2 * 2 * (bn + (0 if plan.packs_w else bc))
     small = (items + plan.items) * 2 * bm * bn * C  # da = gt V^T (every CTA), S += a^T gt (range 0)
     tunes = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, interpreter=False)
     pass1 = 0

@@ -210,6 +210,22 @@ def test_every_grad_config(mode, n, tile, cfg):
     run_grad(mode, n, tile, cfg, torch.float32 if index == 0 else torch.float16, seed=n + mode)
 
 
+def test_grad_cases_run_both_dw_layouts():
+    """The cases above run dW both ways in the grads mode and in each loss mode, the packed way
+    in fp32 and in fp16: packed into dGamma's padding columns (PACK_W: N + W_ROWS C <= BLOCK_N
+    <= 64) and in its own accumulator, so neither path goes untested when NS or C change."""
+    seen = set()
+    for case in grad_cases():
+        mode, n, _, _ = case.values
+        w_rows = 2 if mode in LOSS_MODES else 1
+        packed = n + w_rows * SMALL["C"] <= seat_common.block_n(n) <= 64
+        dtype = torch.float32 if (NS.index(n) + mode) % 2 == 0 else torch.float16
+        seen.add((mode, packed, dtype))
+    for mode in (MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q):
+        assert {p for m, p, _ in seen if m == mode} == {True, False}, mode
+    assert {d for _, p, d in seen if p} == {torch.float32, torch.float16}
+
+
 AWKWARD = {
     # P = 80 with the range exactly the (64-wide) tile: ranges [0,64), [64,80).
     "p80_full_range_t3": dict(B=2, M=150, P=80, C=3, runs=3, p_range=64),

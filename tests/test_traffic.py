@@ -209,7 +209,7 @@ def test_sweep_shapes_are_within_target_or_a_documented_exception(full):
 def test_grids_fill_the_gpu(gpu):
     """One CTA per SM whenever B*M >= 65,536 rows, for the gradient plans the launchers use (the
     forward has a program per row block), on every GPU: with two resident CTAs per SM for the
-    backward (seat_plan.CTAS_PER_SM) the lockstep T of the K ranges no longer leaves an A100
+    backward (seat_plan.ctas_per_sm) the lockstep T of the K ranges no longer leaves an A100
     (108 SMs, no range width making K divide it) short of one CTA per SM."""
     spec = GPUS[gpu]
     dtype = torch.float16 if gpu == "V100" else BF16
