@@ -112,8 +112,11 @@ def training(results: dict) -> list[str]:
     copy = next((x.get("copy_gbps") for x in m.get("rows", []) if x.get("copy_gbps")), None)
     basis = f"the step model on the H100 table's rates with the measured copy bandwidth {copy:.0f} GB/s" if copy \
         else "the step model on the H100 table's rates"
+    graphs = [f"({x['row']}) ran {x['cudagraph_skips']} compiled graph(s) without CUDA graphs: "
+              + ("; ".join(x.get("cudagraph_skip_reasons") or []) or "no reason logged")
+              for x in r.get("rows", []) if x.get("cudagraph_skips")]
     return ["## Training step (paper preset, synthetic data)", "", f"Model floor: {basis}.", ""] + \
-        _table(head, rows) + ([target, ""] if target else [])
+        _table(head, rows) + ([target, ""] if target else []) + ([*graphs, ""] if graphs else [])
 
 
 def xformers(results: dict) -> list[str]:

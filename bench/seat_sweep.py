@@ -47,7 +47,8 @@ def sweep_grad(shape, deadline: float, rows: list) -> None:
     _, _, attn = seat_forward(q, gamma.detach(), w, bias.detach(), save_attn=True)
     spec = seat_plan.device_spec(q.device)
     chosen = seat_plan.grad_plan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype, spec)
-    for bm, p2 in GRAD_TILES:
+    # The planner's own tile first: a short budget measures it against its warps and grids.
+    for bm, p2 in sorted(GRAD_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
         k = triton.cdiv(shape.P, p2)
         base = max(1, spec.sms // k)
         for warps, stages in WARPS_STAGES:

@@ -89,13 +89,30 @@ def read_metrics(path: Path) -> dict:
         "attention": train.get("attention"),
         "optimizer": train.get("optimizer"),
         "window_unix_s": train.get("measured_window_unix_s"),
+        "cudagraph_skips": train.get("cudagraph_skips"),
     }
+
+
+def cudagraph_skip_reasons(log_text: str) -> list[str]:
+    """The distinct reasons inductor gave for running a compiled graph without CUDA graphs (its
+    `cudagraphs` log artifact, on with TORCH_LOGS=cudagraphs), in order of first appearance."""
+    reasons: list[str] = []
+    for line in log_text.splitlines():
+        at = line.find("skipping cudagraphs due to ")
+        if at >= 0:
+            reason = line[at + len("skipping cudagraphs due to "):].strip()
+            if reason and reason not in reasons:
+                reasons.append(reason)
+    return reasons
 
 
 def run_row(row: str, flags: list[str], out: Path, limit_s: float, env: dict) -> dict:
     """One train.py subprocess under a busy-% sampler; the subprocess is stopped at `limit_s`."""
     argv = [sys.executable, str(ROOT / "train.py"), *flags, "--no-baseline", "--out", str(out)]
     log = out.parent / f"{out.name}.log"
+    graphs = "reduce-overhead" in flags
+    if graphs:  # why a graph ran without CUDA graphs, if one did (cudagraph_skip_reasons)
+        env = dict(env, TORCH_LOGS=",".join(filter(None, [env.get("TORCH_LOGS"), "cudagraphs"])))
     t0 = time.time()
     with BusySampler() as sampler, open(log, "w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
@@ -113,6 +130,8 @@ def run_row(row: str, flags: list[str], out: Path, limit_s: float, env: dict) ->
               "busy_window": "training steps (metrics.json)" if window else "whole run (start-up included)"}
     if sampler.error:
         result["gpu_busy_note"] = sampler.error
+    if graphs and log.exists():
+        result["cudagraph_skip_reasons"] = cudagraph_skip_reasons(log.read_text(errors="replace"))
     ips = metrics.get("images_per_second_after_warmup") or metrics.get("images_per_second")
     result["step_ms"] = None if not ips else 1e3 * _batch(flags) / ips
     result["status"] = "ok" if rc == 0 and ips else ("timeout" if rc is None else f"failed (exit {rc})")

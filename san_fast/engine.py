@@ -41,7 +41,7 @@ from san_fast.model.sync_batchnorm import convert_batchnorm
 from san_fast.report import class_names_of, prediction_panels, summary_table, write_figures
 from san_fast.run_folder import CHECKPOINT, CONFIG, METRICS, TENSORBOARD, RunFolder
 from san_fast.runtime import Runtime, build_runtime, derive_seed, seed_everything
-from san_fast.train_step import LossSums, TrainStep, build_optimizer, wrap_objective
+from san_fast.train_step import LossSums, TrainStep, build_optimizer, cudagraph_skips, wrap_objective
 from san_fast.trainer import Trainer, config_json
 from san_fast.viz import save_loss_curve
 
@@ -157,9 +157,14 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
             scores, shown = evaluate_plan(model, data.plan, val_loader(cfg, data.fit, env, runtime),
                                           val_loader(cfg, data.score, env, runtime), runtime, new_metrics, env,
                                           num_vis=cfg.num_vis)
+    skips = cudagraph_skips(cfg, runtime.device)
+    if skips and env.is_main:
+        print(f"san_fast: --compile-mode reduce-overhead ran {skips} compiled graph(s) without CUDA graphs "
+              "(their launches were issued one by one); TORCH_LOGS=cudagraphs prints why")
     train = {"steps": trainer.progress.step, **trainer.clock.summary(trainer.images),
              "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"), "attention": backend,
              "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
+             "cudagraph_skips": skips,
              "optimizer": "adam-fused" if step.fused else "adam-foreach",
              "distributed": record}
     result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),

@@ -50,6 +50,17 @@ def wrap_objective(model: SAN, cfg: Config, env: DistEnv) -> nn.Module:
     return torch.compile(objective, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
+def cudagraph_skips(cfg: Config, device: torch.device) -> Optional[int]:
+    """How many compiled graphs inductor left without CUDA graphs under --compile-mode
+    reduce-overhead on a CUDA device (None elsewhere). It skips them quietly: the reasons go to
+    torch's `cudagraphs` log artifact (TORCH_LOGS=cudagraphs), the count to a counter."""
+    if not (cfg.compile and cfg.compile_mode == "reduce-overhead" and torch.device(device).type == "cuda"):
+        return None
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def build_optimizer(model: nn.Module, cfg: Config, announce: bool = True) -> torch.optim.Adam:
     """Adam, fused (one kernel over all parameters: about 28 bytes of traffic per parameter and
     step against 72 for foreach) where this torch and device support it, else foreach."""

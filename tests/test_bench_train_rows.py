@@ -47,3 +47,34 @@ def test_cuda_graph_row_is_the_compiled_row_plus_its_mode():
     assert "--compile" not in dry and "--compile-mode" not in dry
     line = train_rows.target_line({"a": {"step_ms": 100.0}, "e": {"step_ms": 20.0, "gpu_busy_percent": 80.0}})
     assert line["speedup_e_over_a"] == pytest.approx(5.0) and line["busy_e_percent"] == 80.0
+
+
+def test_cudagraph_skip_reasons_from_a_row_log():
+    log = ("step 1\n"
+           "V1126 12:00:00.000 torch/_inductor/cudagraph_utils.py:380] [0/0] skipping cudagraphs due to "
+           "mutated inputs (1 instances)\n"
+           "[cudagraphs] skipping cudagraphs due to cpu device (arg3)\n"
+           "skipping cudagraphs due to mutated inputs (1 instances)\n")
+    assert train_rows.cudagraph_skip_reasons(log) == ["mutated inputs (1 instances)", "cpu device (arg3)"]
+    assert train_rows.cudagraph_skip_reasons("no graphs skipped here\n") == []
+
+
+def test_only_the_cuda_graphs_row_logs_why_graphs_were_skipped(monkeypatch, tmp_path):
+    """Row (e) runs with TORCH_LOGS=cudagraphs (kept alongside the caller's); the others do not."""
+    seen = {}
+
+    class Proc:
+        pid = 0
+
+        def __init__(self, argv, env, **kw):
+            seen[argv[argv.index("--out") + 1]] = env.get("TORCH_LOGS")
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(train_rows.subprocess, "Popen", Proc)
+    for row in ("d", "e"):
+        train_rows.run_row(row, train_rows.row_flags(row, False), tmp_path / f"row_{row}", 5.0,
+                           {"TORCH_LOGS": "recompiles"})
+    assert seen[str(tmp_path / "row_d")] == "recompiles"
+    assert seen[str(tmp_path / "row_e")] == "recompiles,cudagraphs"

@@ -68,6 +68,16 @@ def test_results_table_tolerates_missing_stages():
     assert "# GPU check, NVIDIA H100" in text and "| tests | skipped |" in text
 
 
+def test_results_table_says_why_cuda_graphs_were_skipped():
+    rows = [{"row": "d", "name": "(c) + compile", "step_ms": 40.0, "status": "ok"},
+            {"row": "e", "name": "(d) + CUDA graphs", "step_ms": 30.0, "status": "ok", "cudagraph_skips": 2,
+             "cudagraph_skip_reasons": ["mutated inputs (1 instances)"]}]
+    text = results_table.markdown({"gpu": "NVIDIA H100 80GB HBM3",
+                                   "stages": {"train": {"status": "ok", "report": {"rows": rows}}}})
+    assert "(e) ran 2 compiled graph(s) without CUDA graphs: mutated inputs (1 instances)" in text
+    assert "(d) ran" not in text
+
+
 def test_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", str(out), "--dry-run", "--budget", "400"],

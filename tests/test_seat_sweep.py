@@ -39,3 +39,14 @@ def test_the_command_needs_a_gpu(capsys):
         pytest.skip("a GPU is here")
     assert seat_sweep.main(["--budget", "1"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+def test_the_planners_tile_is_measured_first(on_cpu, monkeypatch):
+    """A short budget on the GPU still measures the tile the planner runs (here the
+    interpreter's 64 x 64), whatever its place in the sweep's list."""
+    monkeypatch.setattr(seat_sweep, "GRAD_TILES", [(32, 64), (64, 64)])
+    rows: list = []
+    shape = replace(TINY, M=32 * 32)
+    seat_sweep.sweep_grad(shape, time.monotonic() + 120, rows)
+    assert [(r["block_m"], r["block_p2"]) for r in rows][:1] == [(64, 64)], rows
+    assert {(r["block_m"], r["block_p2"]) for r in rows} == {(32, 64), (64, 64)}

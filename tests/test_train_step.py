@@ -243,3 +243,19 @@ def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(monkeypat
                          LossSums(runtime.device))
         step(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), 1, monitor=False)
         assert len(marks) == (1 if mode == "reduce-overhead" else 0)
+
+
+def test_cuda_graph_skips_are_counted_only_where_cuda_graphs_could_run(monkeypatch):
+    """Under reduce-overhead on CUDA, the run reports how many compiled graphs inductor left
+    without CUDA graphs (its own counter, which it bumps quietly); elsewhere None: on the CPU
+    every graph is skipped by nature, and without the mode no graph was asked for."""
+    from torch._dynamo.utils import counters
+
+    from san_fast.train_step import cudagraph_skips
+
+    monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 2)
+    graphs = tiny(compile=True, compile_mode="reduce-overhead")
+    assert cudagraph_skips(graphs, torch.device("cuda", 0)) == 2
+    assert cudagraph_skips(graphs, torch.device("cpu")) is None
+    assert cudagraph_skips(tiny(compile=True), torch.device("cuda", 0)) is None
+    assert cudagraph_skips(tiny(compile=False), torch.device("cuda", 0)) is None
