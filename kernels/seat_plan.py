@@ -19,7 +19,8 @@ The gradient kernel (seat_backward.py) runs a persistent, lockstep grid (K, T):
 
 K * T is at most the SM count times ctas_per_sm (two where the bucket's candidates include a
 4-warp config, which fits two CTAs per SM; else one: the 8-warp configs run near 255 registers
-per thread), and T is the same for every range so that the K CTAs sharing rows stay in step.
+per thread), or a few exact waves of it where one wave of whole runs would leave SMs idle; T is
+the same for every range so that the K CTAs sharing rows stay in step.
 """
 
 from __future__ import annotations

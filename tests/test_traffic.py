@@ -302,3 +302,22 @@ def test_split_batchnorm_backward_reads_q_again_and_writes_dq_once(op):
         traffic.op_traffic(op, *shape, split_bn=True, **kw)
     with pytest.raises(ValueError, match="split_bn"):
         traffic.op_traffic("fused_loss", *shape, folded=True, split_bn=True, design="fused")
+
+
+@pytest.mark.parametrize("gpu", ["H100", "A100", "V100"])
+def test_grids_beyond_one_wave_are_whole_waves(gpu):
+    """A plan with more CTAs than the GPU holds at once (SMs x ctas_per_sm) fills whole waves,
+    at most MAX_WAVES of them: a partial last wave would leave SMs idle at the end."""
+    spec = GPUS[gpu]
+    dtype = torch.float16 if gpu == "V100" else BF16
+    waved = 0
+    for s in traffic_report.sweep_shapes(full=True):
+        plan = traffic._plan(MODE_GRADS, s["B"], s["M"], s["P"], s["N"], s["C"], dtype, spec)
+        slots = spec.sms * seat_plan.ctas_per_sm("backward", plan.block_n)
+        if plan.ctas > slots:
+            waved += 1
+            assert plan.ctas % slots == 0 and plan.ctas // slots <= seat_plan.MAX_WAVES, (gpu, s, plan)
+    if gpu == "A100":  # one CTA per SM at N = 64: no one-wave plan fills 108 SMs
+        assert waved
+        plan = traffic._plan(MODE_GRADS, 16, 128 * 128, 1024, 64, 3, dtype, spec)
+        assert (plan.k, plan.ctas_per_range, plan.ctas) == (16, 27, 432)
