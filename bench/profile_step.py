@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.runner import StageReport
-from bench.timing import event_us, is_device_work
+from bench.timing import event_us, is_device_work, step_ms
 from san_fast.config import resolve
 from san_fast.model import SAN
 from san_fast.runtime import build_runtime
@@ -61,8 +61,8 @@ def build_step(cfg):
     return step, runtime.device
 
 
-def top_kernels(prof, device_type: str, steps: int, limit: int = 15) -> tuple[float, list[dict]]:
-    events = prof.key_averages()
+def top_kernels(events, device_type: str, steps: int, limit: int = 15) -> tuple[float, list[dict]]:
+    """The profiler's averaged `events` (prof.key_averages()): kernel time per step and the top kernels."""
     if device_type == "cuda":
         kernels = [e for e in events if is_device_work(e)]
     else:
@@ -81,11 +81,10 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaL
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
-def host_summary(prof, steps: int, limit: int = 8) -> dict:
+def host_summary(events, steps: int, limit: int = 8) -> dict:
     """What the host does per step: kernel launches, calls that wait for the GPU (cudaMemcpy
     without Async is one), and the host's top operators by their own CPU time. A step whose
-    wall time is well above its kernel time is paced by these."""
-    events = prof.key_averages()
+    wall time is well above its kernel time is paced by these (`events`: prof.key_averages())."""
     host = [e for e in events if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA]
     launches = sum(e.count for e in host if e.key in LAUNCH_CALLS)
     syncs = sum(e.count for e in host if e.key in SYNC_CALLS)
@@ -93,18 +92,6 @@ def host_summary(prof, steps: int, limit: int = 8) -> dict:
     top = [{"op": e.key[:100], "self_cpu_ms_per_step": event_us(e, "cpu") / 1e3 / steps, "calls_per_step": e.count / steps}
            for e in host[:limit]]
     return {"launches_per_step": launches / steps, "syncs_per_step": syncs / steps, "host_top": top}
-
-
-def timed_steps(step, device: torch.device, steps: int) -> float:
-    """Milliseconds per step without the profiler (whose own host cost inflates its wall time)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / steps
 
 
 def main(argv=None) -> int:
@@ -125,19 +112,16 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     report.set(warmup_s=round(time.perf_counter() - t0, 1), config={k: str(v) for k, v in (TINY if dry_run else PAPER_D).items()})
-    clean_ms = timed_steps(step, device, max(args.steps, 5))
+    # Without the profiler too: its own host cost inflates the wall time under it.
+    clean_ms = step_ms(step, device, max(args.steps, 5))[1]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(args.steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
-    total_ms, rows = top_kernels(prof, device.type, args.steps)
+        wall_ms = step_ms(step, device, args.steps)[1]
+    events = prof.key_averages()
+    total_ms, rows = top_kernels(events, device.type, args.steps)
     report.set(wall_ms_per_step=wall_ms, kernel_ms_per_step=total_ms, unprofiled_ms_per_step=clean_ms,
                gpu_busy_fraction=total_ms / clean_ms if device.type == "cuda" and clean_ms else None,
-               **host_summary(prof, args.steps))
+               **host_summary(events, args.steps))
     for row in rows:
         report.row(row)
     print(f"[profile] {clean_ms:.2f} ms per step unprofiled ({wall_ms:.2f} under the profiler), "

@@ -22,12 +22,13 @@ import torch
 import triton
 
 from bench.seat_measure import PAPER, make_inputs, sweep_shapes
-from bench.timing import time_ms
+from bench.timing import step_ms, time_ms
 from san_fast.io_utils import atomic_write_json
 from san_fast.kernels import seat_common as common
 from san_fast.kernels import seat_plan, traffic
 from san_fast.kernels.seat_backward import launch_grad
 from san_fast.kernels.seat_forward import seat_forward
+from san_fast.kernels.seat_reference import as_matrix, as_rows
 
 DEVICE = torch.device("cuda")
 GRAD_TILES = [(64, 128), (32, 128), (128, 64), (64, 64), (32, 64), (16, 128), (16, 64), (128, 32)]
@@ -40,17 +41,23 @@ def _time(fn) -> float:
     return time_ms(fn, DEVICE, warmup_ms=5, rep_ms=25)["ms"]
 
 
+def _operands(shape):
+    """(q rows, gamma, W, bias) detached, and the gradients of rec_q, rec_t."""
+    q4, gamma, weight, bias, _, grads = make_inputs(shape, DEVICE)
+    return as_rows(q4.detach()), gamma.detach(), as_matrix(weight.detach()), bias.detach(), grads
+
+
 def sweep_grad(shape, deadline: float, rows: list) -> None:
-    q4, gamma, weight, bias, _, (g1, g2) = make_inputs(shape, DEVICE)
-    q = q4.detach().flatten(2).transpose(1, 2)
-    w = weight.detach().flatten(1)
-    _, _, attn = seat_forward(q, gamma.detach(), w, bias.detach(), save_attn=True)
+    q, gamma, w, bias, (g1, g2) = _operands(shape)
+    _, _, attn = seat_forward(q, gamma, w, bias, save_attn=True)
     spec = seat_plan.device_spec(q.device)
     chosen = seat_plan.grad_plan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype, spec)
     # The planner's own tile first: a short budget measures it against its warps and grids.
     for bm, p2 in sorted(GRAD_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
         k = triton.cdiv(shape.P, p2)
         base = max(1, spec.sms // k)
+        tuned = [(c.num_warps, c.num_stages) for c in seat_plan.grad_configs(seat_plan.MODE_GRADS,
+                                                                             common.block_n(shape.N), p2)]
         for warps, stages in WARPS_STAGES:
             for t in sorted({base, 2 * base, 4 * base}):
                 if time.monotonic() > deadline:
@@ -63,7 +70,7 @@ def sweep_grad(shape, deadline: float, rows: list) -> None:
                        "stages": stages, "ctas": k * t, "iters_per_cta": iters}
                 try:
                     def run():
-                        return launch_grad(seat_plan.MODE_GRADS, q, gamma.detach(), w, bias.detach(), attn=attn,
+                        return launch_grad(seat_plan.MODE_GRADS, q, gamma, w, bias, attn=attn,
                                            grad_rec_q=g1, grad_rec_t=g2, plan=plan, config=cfg)
                     run()
                     row["ms"] = _time(run)
@@ -71,16 +78,13 @@ def sweep_grad(shape, deadline: float, rows: list) -> None:
                     row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
                 except Exception as exc:  # a tile that does not compile here is a row, not a stop
                     row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                tuned = seat_plan.grad_configs(seat_plan.MODE_GRADS, common.block_n(shape.N), p2)
-                row["chosen_now"] = plan == chosen and (warps, stages) in [(c.num_warps, c.num_stages) for c in tuned]
+                row["chosen_now"] = plan == chosen and (warps, stages) in tuned
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
 
 def sweep_forward(shape, deadline: float, rows: list) -> None:
-    q4, gamma, weight, bias, _, _ = make_inputs(shape, DEVICE)
-    q = q4.detach().flatten(2).transpose(1, 2)
-    w = weight.detach().flatten(1)
+    q, gamma, w, bias, _ = _operands(shape)
     for bm, bp, warps, stages in FORWARD:
         if time.monotonic() > deadline:
             return
@@ -89,7 +93,7 @@ def sweep_forward(shape, deadline: float, rows: list) -> None:
         for save in (False, True):
             try:
                 def run():
-                    return seat_forward(q, gamma.detach(), w, bias.detach(), save_attn=save, config=cfg)
+                    return seat_forward(q, gamma, w, bias, save_attn=save, config=cfg)
                 run()
                 row["ms_save_attn" if save else "ms"] = _time(run)
             except Exception as exc:
@@ -110,13 +114,7 @@ def profile_op(shape) -> None:
 
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        step()
-    host_ms = (time.perf_counter() - t0) * 100
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 100
+    host_ms, wall_ms = step_ms(step, DEVICE, 10)
     print(f"[profile] host issue {host_ms:.3f} ms/step, wall {wall_ms:.3f} ms/step (no L2 flush)")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -140,12 +138,12 @@ def main(argv=None) -> int:
     names = args.shapes.split(",")
     start = time.monotonic()
     out = {"gpu": torch.cuda.get_device_name(), "rows": {}}
+    kinds = args.kinds.split(",")
     for i, name in enumerate(names):
         share = (args.budget - (time.monotonic() - start)) / (len(names) - i)
         deadline = time.monotonic() + share
         rows: list = []
         out["rows"][name] = rows
-        kinds = args.kinds.split(",")
         if "profile" in kinds:
             profile_op(shapes[name])
         if "grad" in kinds:

@@ -42,6 +42,21 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
             "runs": len(times), "method": method}
 
 
+def step_ms(step: Callable[[], object], device: torch.device, steps: int) -> tuple[float, float]:
+    """(host, wall) milliseconds per call of `step` over `steps` calls: the host's time to issue
+    them, and the time until the device has finished them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    return host * 1e3 / steps, wall * 1e3 / steps
+
+
 def kernel_ms(fn: Callable[[], object], device: torch.device, runs: int = 5) -> Optional[float]:
     """Milliseconds of GPU work (kernels, copies, fills) per run of `fn`, from torch.profiler's
     device records (CUDA only). time_ms's events also count the GPU waiting for the host to issue

@@ -221,9 +221,9 @@ def compile_kind(
 
 
 def _chosen(kind: str, n: int) -> bool:
-    from san_fast.kernels import seat_common, seat_plan
+    from san_fast.kernels import seat_plan
 
-    return not (kind.startswith("loss_") and seat_common.block_n(n) > seat_plan.FUSED_LOSS_MAX_BLOCK_N)
+    return not kind.startswith("loss_") or seat_plan.fused_loss_fits(n)
 
 
 def summarise(rows: list[Row]) -> tuple[list[str], bool]:

@@ -257,9 +257,9 @@ def grad_plan_candidates(
                 # resident slots: an A100's 108 SMs with one CTA per SM, where no range width
                 # that is a multiple of 16 gives such a K), K*T = lcm(K, slots) fills every SM
                 # in a few exact waves.
-                waves = k // math.gcd(k, resident)
-                if runs[0] * k < sms and 1 < waves <= MAX_WAVES:
-                    runs.append(resident // math.gcd(k, resident))
+                shared = math.gcd(k, resident)
+                if runs[0] * k < sms and 1 < k // shared <= MAX_WAVES:
+                    runs.append(resident // shared)
             for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):
                 plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t))
     return plans
@@ -303,6 +303,12 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
     return min(near, key=lambda s: (-s[2].ctas, s[1], s[2].k))[-1]
 
 
+def fused_loss_fits(N: int) -> bool:
+    """Whether the fused loss's kernel runs spill-free at this N (FUSED_LOSS_MAX_BLOCK_N); where
+    it does not, the launcher never picks it."""
+    return common.block_n(N) <= FUSED_LOSS_MAX_BLOCK_N
+
+
 @functools.lru_cache(maxsize=256)
 def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec) -> str:
     """'fused' (one pass: every gradient computed in the forward) or 'two_pass' (forward saving
@@ -310,7 +316,7 @@ def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec
     the fused kernel would spill (N above FUSED_LOSS_MAX_BLOCK_N)."""
     from san_fast.kernels import traffic
 
-    if common.block_n(N) > FUSED_LOSS_MAX_BLOCK_N:
+    if not fused_loss_fits(N):
         return "two_pass"
     ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d).modeled_ms
           for d in ("fused", "two_pass")}

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import torch
 from san_fast.kernels.seat_bn_fold import BatchStats
-from san_fast.kernels.seat_reference import MAX_C, MAX_N, MIN_C, MIN_N, MIN_P, as_matrix, as_rows, image_rows
+from san_fast.kernels.seat_reference import MAX_C, MAX_N, MIN_C, MIN_N, MIN_P, as_matrix, as_rows
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_tensor(name: str, t, float_only: bool = True) -> None:
+def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if float_only and t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
@@ -84,21 +84,20 @@ def check_affine(affine, rows: torch.Tensor):
     if affine is None:
         return None
     if isinstance(affine, BatchStats):
-        p = rows.shape[-1]
-        for name in ("mean", "var", "weight", "bias"):
-            t = getattr(affine, name)
-            _check_tensor(f"BatchStats {name}", t)
-            if t.shape != (p,) or t.device != rows.device:
-                raise ValueError(f"BatchStats {name} must be (P,)=({p},) on q's device {rows.device}, got "
-                                 f"{tuple(t.shape)} on {t.device}")
+        names = ("mean", "var", "weight", "bias")
+        _check_vectors("BatchStats", names, [getattr(affine, name) for name in names], rows)
         return affine
     if not isinstance(affine, (tuple, list)) or len(affine) != 2:
         raise TypeError("affine must be None or a pair (scale, shift) of (P,) tensors")
-    p = rows.shape[-1]
-    for name, t in zip(("scale", "shift"), affine):
-        _check_tensor(f"affine {name}", t)
-        if t.shape != (p,):
-            raise ValueError(f"affine {name} must be (P,)=({p},) to match q, got {tuple(t.shape)}")
-        if t.device != rows.device:
-            raise ValueError(f"affine {name} must be on q's device {rows.device}, got {t.device}")
+    _check_vectors("affine", ("scale", "shift"), affine, rows)
     return tuple(affine)
+
+
+def _check_vectors(prefix: str, names, tensors, rows: torch.Tensor) -> None:
+    """Per-channel float tensors: (P,) each, on q's device."""
+    p = rows.shape[-1]
+    for name, t in zip(names, tensors):
+        _check_tensor(f"{prefix} {name}", t)
+        if t.shape != (p,) or t.device != rows.device:
+            raise ValueError(f"{prefix} {name} must be (P,)=({p},) on q's device {rows.device}, got "
+                             f"{tuple(t.shape)} on {t.device}")

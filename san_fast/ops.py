@@ -144,13 +144,14 @@ def seat_reconstruct(
     q's dtype (N/P of Q's bytes) so the backward reads Q once."""
     rows, gamma3, w2 = _validate(q, gamma, weight, bias)
     affine = _validate_affine(affine, rows)
+    triton = _use_triton(impl, q)
     if isinstance(affine, BatchStats):
-        if _use_triton(impl, q) and _needs_grad(rows, gamma3, w2, bias, affine.weight, affine.bias):
+        if triton and _needs_grad(rows, gamma3, w2, bias, affine.weight, affine.bias):
             from san_fast.kernels.seat_bn_split import seat_batchnorm
 
             return seat_batchnorm(rows, affine, gamma3, w2, bias)
         affine = _stats_affine(affine, rows)
-    if not _use_triton(impl, q):
+    if not triton:
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_reconstruct_reference(rows, gamma3, w2, bias)
     if affine is not None:
@@ -202,15 +203,16 @@ def seat_reconstruct_loss(
     affine = _validate_affine(affine, rows)
     x_rows = image_rows(x)
     target_rec_q = consistency_target == "rec_q"
+    triton = _use_triton(impl, q)
     if isinstance(affine, BatchStats):
-        if _use_triton(impl, q) and _needs_grad(rows, gamma3, w2, bias, x_rows, affine.weight, affine.bias) and \
+        if triton and _needs_grad(rows, gamma3, w2, bias, x_rows, affine.weight, affine.bias) and \
                 _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "two_pass":
             from san_fast.kernels.seat_bn_split import seat_batchnorm
 
             rec_q, rec_t = seat_batchnorm(rows, affine, gamma3, w2, bias)
             return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
         affine = _stats_affine(affine, rows)
-    if not _use_triton(impl, q):
+    if not triton:
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_reconstruct_loss_reference(rows, gamma3, w2, bias, x_rows, consistency_target)
     if affine is not None:
