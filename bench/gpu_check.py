@@ -61,8 +61,12 @@ def versions() -> dict:
 
 
 def git_commit() -> dict:
-    """The commit and whether the tree differs from it; SAN_GIT_COMMIT when the tree was copied
-    without its .git (the lent machine gets the working tree only)."""
+    """The commit and whether the tree differs from it. SAN_GIT_COMMIT, when set, wins: the lent
+    machine gets the working tree without this checkout's .git, and a .git found there can be an
+    older one (the H100 run of 2026-11-26 reported its base commit, not the tree's)."""
+    given = os.environ.get("SAN_GIT_COMMIT")
+    if given:
+        return {"commit": given, "dirty": None, "note": "commit from SAN_GIT_COMMIT"}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -70,8 +74,7 @@ def git_commit() -> dict:
                                     capture_output=True, text=True, check=True).stdout.strip())
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": os.environ.get("SAN_GIT_COMMIT", "unknown"), "dirty": None,
-                "note": "no git repository here: commit from SAN_GIT_COMMIT"}
+        return {"commit": "unknown", "dirty": None, "note": "no git repository here and no SAN_GIT_COMMIT"}
 
 
 def slug(text: str) -> str:

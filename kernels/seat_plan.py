@@ -54,20 +54,22 @@ FORWARD_TRIPLES = {
 # The accumulators (BLOCK_P2 x BLOCK_N and, unless dW rides in dGamma's padding columns
 # (GradPlan.packs_w), BLOCK_P2 x 16, fp32) live in registers across the whole persistent loop.
 # Chosen from offline compiles (compile_report.py, JIT specialization, triton 3.9 and 3.6): at
-# N <= 64 every candidate below compiles without spills for bf16 on sm90 and sm80
-# (tests/test_compile_report.py holds it); above N = 64 the least-spilling.
+# N <= 32 every candidate below compiles without spills for bf16 on sm90 and sm80
+# (tests/test_compile_report.py holds it); above N = 64 the least-spilling. At N = 64 the
+# backward's 64 x 128 tile spills (32-772 B) but measured 3.1x faster on an H100 than the
+# spill-free 32 x 64 8-warp tile (0.95 against 2.96 ms, bench/results/nvidia-h100-2026-11-26/
+# seat_sweep_n64.json): small tiles leave the kernel latency-bound, which costs more than spills.
 GRAD_TILES = {
-    "backward": {32: [(64, 128)], 64: [(32, 64)], 128: [(32, 64)], 256: [(16, 64)]},
+    "backward": {32: [(64, 128)], 64: [(64, 128)], 128: [(32, 64)], 256: [(16, 64)]},
     "loss": {32: [(32, 64)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
 }
 # Autotuned at run time (they change no byte the kernel moves): the dQ sub-tile width
 # BLOCK_PD, and for the fused loss the pass-1 chunk BLOCK_P; warps, stages.
 # Backward, N <= 32, measured on an H200 (bench/seat_sweep.py, bench/results/nvidia-h200-2026-11-26):
-# 4 warps with two CTAs per SM 0.82 ms, 8 warps with one 1.20 ms. At N = 64 the 4-warp
-# candidate spills at every tile tried (dGamma's 64 columns leave no padding for dW), so the
-# bucket runs 8 warps, one CTA per SM, until a sweep there says otherwise.
+# 4 warps with two CTAs per SM 0.82 ms, 8 warps with one 1.20 ms; N = 64 on an H100
+# (seat_sweep_n64.json): 4 warps 0.95 ms, 8 warps 1.38 ms.
 GRAD_TUNE = {
-    "backward": {32: [(64, 4, 2), (64, 8, 2)], 64: [(64, 8, 2)], 128: [(64, 4, 2), (32, 8, 2)],
+    "backward": {32: [(64, 4, 2), (64, 8, 2)], 64: [(64, 4, 2), (64, 8, 2)], 128: [(64, 4, 2), (32, 8, 2)],
                  256: [(32, 4, 2), (32, 8, 2)]},
     "loss": {32: [(64, 64, 8, 2)], 64: [(32, 64, 8, 2)],
              128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
@@ -258,7 +260,7 @@ def grad_plan_candidates(
                 # that is a multiple of 16 gives such a K), K*T = lcm(K, slots) fills every SM
                 # in a few exact waves.
                 shared = math.gcd(k, resident)
-                if runs[0] * k < sms and 1 < k // shared <= MAX_WAVES:
+                if runs[0] * k < sms and 1 < k // shared <= MAX_WAVES and resident // shared <= items:
                     runs.append(resident // shared)
             for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):
                 plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t))

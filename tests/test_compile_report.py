@@ -1,6 +1,6 @@
 """The SEAT kernels compile for sm70 (fp16, fp32), sm80 (bf16, fp32) and sm90 (bf16; fp64, the
 gradcheck path) without a GPU, and the bf16 configs the launchers can pick do not spill up to
-N = 64.
+N = 64 beyond the spills a GPU measured as faster (MEASURED_SPILLS).
 
 Runs `python -m san_fast.kernels.compile_report` in a subprocess: the kernels in this pytest
 process are interpreted (TRITON_INTERPRET=1, set by conftest.py) and cannot be compiled.
@@ -55,11 +55,20 @@ def test_every_kernel_compiles_for_arch(tmp_path, arch, dtypes):
     assert {r["dtype"] for r in report["rows"]} == set(dtypes)
 
 
+# Spills kept because a GPU measured them faster (bytes per thread at most, the larger of
+# triton 3.9 and 3.6): the backward's 64 x 128 tile at N = 64 took 0.95 ms on an H100 against
+# 2.96 ms for the spill-free 32 x 64 8-warp tile (bench/results/nvidia-h100-2026-11-26/
+# seat_sweep_n64.json). Any other spill fails.
+MEASURED_SPILLS = {("backward", 90, 64): 800, ("backward", 80, 64): 240, ("backward_sums", 90, 64): 660,
+                   ("backward_sums", 80, 64): 80}
+
+
 def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):
     """Every config a launcher can pick at N <= 64 compiles for sm80 and sm90 bf16 without
-    register spills (issue 8). The fused loss's kernel at N = 64 spills on sm80 at every tile
-    tried, so the launcher runs two_pass there (seat_plan.FUSED_LOSS_MAX_BLOCK_N): those rows
-    are compiled and reported but marked not chosen."""
+    register spills (issue 8), except the measured ones above. The fused loss's kernel at
+    N = 64 spills on sm80 at every tile tried, so the launcher runs two_pass there
+    (seat_plan.FUSED_LOSS_MAX_BLOCK_N): those rows are compiled and reported but marked not
+    chosen."""
     proc, report = _run(tmp_path, "--arch", "90", "80", "--dtype", "bf16", "--n", "27", "64")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = report["rows"]
@@ -69,7 +78,7 @@ def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):
     assert {r["kind"] for r in chosen} == set(compile_report.KINDS)
     assert {(r["kind"], r["n"]) for r in rows if not r["chosen"]} == {("loss_image", 64), ("loss_rec_q", 64)}
     for r in chosen:
-        assert r["spill_bytes"] == 0, r
+        assert r["spill_bytes"] <= MEASURED_SPILLS.get((r["kind"], r["arch"], r["n"]), 0), r
     assert "not chosen: the launcher runs two_pass" in proc.stdout
 
 

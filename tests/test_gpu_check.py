@@ -68,6 +68,13 @@ def test_results_table_tolerates_missing_stages():
     assert "# GPU check, NVIDIA H100" in text and "| tests | skipped |" in text
 
 
+def test_a_given_commit_wins_over_a_git_found_there(monkeypatch):
+    monkeypatch.setenv("SAN_GIT_COMMIT", "abc123")
+    assert gpu_check.git_commit()["commit"] == "abc123"
+    monkeypatch.delenv("SAN_GIT_COMMIT")
+    assert gpu_check.git_commit()["commit"] not in ("abc123", "unknown")  # this checkout's own
+
+
 def test_results_table_says_why_cuda_graphs_were_skipped():
     rows = [{"row": "d", "name": "(c) + compile", "step_ms": 40.0, "status": "ok"},
             {"row": "e", "name": "(d) + CUDA graphs", "step_ms": 30.0, "status": "ok", "cudagraph_skips": 2,

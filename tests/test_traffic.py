@@ -312,12 +312,13 @@ def test_grids_beyond_one_wave_are_whole_waves(gpu):
     dtype = torch.float16 if gpu == "V100" else BF16
     waved = 0
     for s in traffic_report.sweep_shapes(full=True):
-        plan = traffic._plan(MODE_GRADS, s["B"], s["M"], s["P"], s["N"], s["C"], dtype, spec)
-        slots = spec.sms * seat_plan.ctas_per_sm("backward", plan.block_n)
-        if plan.ctas > slots:
-            waved += 1
-            assert plan.ctas % slots == 0 and plan.ctas // slots <= seat_plan.MAX_WAVES, (gpu, s, plan)
-    if gpu == "A100":  # one CTA per SM at N = 64: no one-wave plan fills 108 SMs
+        for mode in (MODE_GRADS, MODE_LOSS_IMAGE):
+            plan = traffic._plan(mode, s["B"], s["M"], s["P"], s["N"], s["C"], dtype, spec)
+            slots = spec.sms * seat_plan.ctas_per_sm(seat_plan.grad_kind(mode), plan.block_n)
+            if plan.ctas > slots:
+                waved += 1
+                assert plan.ctas % slots == 0 and plan.ctas // slots <= seat_plan.MAX_WAVES, (gpu, s, plan)
+    if gpu == "A100":  # the fused loss's one CTA per SM: no one-wave plan fills 108 SMs
         assert waved
-        plan = traffic._plan(MODE_GRADS, 16, 128 * 128, 1024, 64, 3, dtype, spec)
+        plan = traffic._plan(MODE_LOSS_IMAGE, 16, 128 * 128, 1024, 27, 3, dtype, spec)
         assert (plan.k, plan.ctas_per_range, plan.ctas) == (16, 27, 432)
