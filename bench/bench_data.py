@@ -78,3 +78,27 @@ def test_train_batches_per_second(benchmark, coco_fixture, num_workers, cached):
         # num_workers=0 collates in this process, where torch's intra-op threads apply
         "torch_threads": torch.get_num_threads(),
     })
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_synthetic_train_batches_per_second(benchmark, num_workers):
+    """The embedded default's training loader (san_fast.loader, its workers' BLAS pools at one
+    thread each) at the paper's crop and batch."""
+    from san_fast.config import resolve
+    from san_fast.distributed import DistEnv
+    from san_fast.loader import train_loader
+    from san_fast.runtime import build_runtime
+
+    cfg = resolve(dict(preset="paper", dataset="synthetic", crop_size=CROP, batch_size=BATCH, device="cpu",
+                       synthetic_train_size=N_IMAGES * 4, num_workers=num_workers), cuda_available=False)
+    loader = train_loader(cfg, build_dataset(cfg, "train"), DistEnv(), build_runtime(cfg))
+
+    def epoch():
+        loader.batch_sampler.set_epoch(1)
+        return sum(images.shape[0] for images, _ in loader)
+
+    epoch()  # starts the workers
+    seen = benchmark.pedantic(epoch, rounds=3, iterations=1)
+    assert seen == N_IMAGES * 4
+    benchmark.extra_info.update({"images_per_s": round(seen / benchmark.stats.stats.mean, 1),
+                                 "num_workers": num_workers, "crop": CROP, "source_image": "synthetic scene"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Optional
 
 
 def _f(value, spec: str = ".2f") -> str:
@@ -116,7 +117,18 @@ def training(results: dict) -> list[str]:
               + ("; ".join(x.get("cudagraph_skip_reasons") or []) or "no reason logged")
               for x in r.get("rows", []) if x.get("cudagraph_skips")]
     return ["## Training step (paper preset, synthetic data)", "", f"Model floor: {basis}.", ""] + \
-        _table(head, rows) + ([target, ""] if target else []) + ([*graphs, ""] if graphs else [])
+        _table(head, rows) + ([target, ""] if target else []) + ([*graphs, ""] if graphs else []) + \
+        _loader_line(r.get("loader"))
+
+
+def _loader_line(loader: Optional[dict]) -> list[str]:
+    """The rows' training loader timed alone (bench/loader_rate.py)."""
+    if not loader:
+        return []
+    if loader.get("error"):
+        return [f"Loader alone: not measured ({loader['error']}).", ""]
+    return [f"Loader alone: {_f(loader.get('images_per_second'), '.0f')} images/s with {loader.get('num_workers')} "
+            f"workers, so no step faster than {_f(loader.get('fastest_step_ms'))} ms.", ""]
 
 
 def xformers(results: dict) -> list[str]:

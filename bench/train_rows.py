@@ -167,6 +167,7 @@ def measure(report: StageReport, dry_run: bool, steps: int, workers: int, out_di
     names = [r for r in (DRY_ROWS if dry_run else ROWS) if not only or r in only]
     if dry_run:
         report.note(f"dry run: rows {', '.join(DRY_ROWS)} only, tiny, fp32, (d) without --compile")
+    report.set(loader=measure_loader(dry_run, workers))
     for i, row in enumerate(names):
         share = report.deadline.left() * WEIGHTS[row] / sum(WEIGHTS[r] for r in names[i:])
         if share < 20:
@@ -180,6 +181,20 @@ def measure(report: StageReport, dry_run: bool, steps: int, workers: int, out_di
         print(f"[train] ({row}) {r['name']}: {r['status']}, step {r['step_ms'] or float('nan'):.1f} ms, "
               f"busy {r['gpu_busy_percent'] if r['gpu_busy_percent'] is not None else '-'}%", flush=True)
     report.set(target=target_line(rows))
+
+
+def measure_loader(dry_run: bool, workers: int) -> dict:
+    """The rows' training loader alone (same data, crops and workers): the fastest step it feeds."""
+    from bench.loader_rate import loader_rate
+
+    flags = TINY + ["--amp", "off"] if dry_run else PAPER + ["--num-workers", str(workers)]
+    try:
+        rate = loader_rate(flags)
+    except Exception as exc:  # the rows still run; the table says why this line is missing
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    print(f"[train] loader alone: {rate['images_per_second']:.0f} images/s with {rate['num_workers']} workers, "
+          f"no step faster than {rate['fastest_step_ms']:.1f} ms", flush=True)
+    return rate
 
 
 def model_floors(report: StageReport, dry_run: bool, copy_gbps: Optional[float]) -> None:

@@ -30,8 +30,10 @@ def _uniform(n: int, low: float, high: float, device, generator) -> torch.Tensor
 
 
 def _gray(rgb: torch.Tensor) -> torch.Tensor:
-    luma = torch.tensor(_LUMA, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
-    return (rgb * luma).sum(1, keepdim=True)
+    # Weights as Python scalars: a tensor built from them each step would be a host-to-device
+    # copy from pageable memory, which synchronises the stream (the host stops running ahead).
+    r, g, b = rgb[:, 0:1], rgb[:, 1:2], rgb[:, 2:3]
+    return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
 
 
 def color_augment(x: torch.Tensor, jitter: float, drop: float,
@@ -88,7 +90,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     """Inverse of ``rgb_to_hsv``: channel n of (R, G, B) = (5, 3, 1) is
     v - v*s*clamp(min(k, 4-k), 0, 1) with k = (n + 6h) mod 6."""
     h, s, v = hsv.unbind(1)
-    n = torch.tensor((5.0, 3.0, 1.0), device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=hsv.device, dtype=hsv.dtype).view(1, 3, 1, 1)  # made on the device
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * ramp

@@ -78,3 +78,23 @@ def test_only_the_cuda_graphs_row_logs_why_graphs_were_skipped(monkeypatch, tmp_
                            {"TORCH_LOGS": "recompiles"})
     assert seen[str(tmp_path / "row_d")] == "recompiles"
     assert seen[str(tmp_path / "row_e")] == "recompiles,cudagraphs"
+
+
+def test_the_loader_alone_is_timed_and_tabulated():
+    from bench.results_table import training
+
+    rate = train_rows.measure_loader(dry_run=True, workers=0)
+    assert rate["images_per_second"] > 0 and rate["batch_size"] == 4 and rate["num_workers"] == 0
+    assert rate["fastest_step_ms"] == pytest.approx(1e3 * 4 / rate["images_per_second"], rel=1e-2)
+    report = {"rows": [{"row": "a", "name": "eager fp32", "status": "ok"}], "loader": rate}
+    text = "\n".join(training({"stages": {"train": {"report": report}}}))
+    assert f"Loader alone: {rate['images_per_second']:.0f} images/s with 0 workers" in text
+    failed = "\n".join(training({"stages": {"train": {"report": dict(report, loader={"error": "OSError: x"})}}}))
+    assert "Loader alone: not measured (OSError: x)" in failed
+
+
+def test_the_loader_refuses_a_split_too_small_to_time():
+    from bench.loader_rate import loader_rate
+
+    with pytest.raises(ValueError, match="too few to time"):
+        loader_rate(train_rows.TINY[:-2] + ["--num-workers", "2", "--synthetic-train-size", "8"])

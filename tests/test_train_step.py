@@ -22,10 +22,14 @@ TINY = dict(crop_size=32, embed_dim=32, vit_dim=32, vit_heads=2, vit_depth=1, ba
             synthetic_train_size=32, synthetic_val_size=8, epochs=1, num_workers=0, synthetic_classes=4,
             num_vis=0, baseline=False, seat_impl="torch")
 HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+# Tensors built from host values: on a CUDA device a copy from pageable memory, which synchronises
+# the stream as a read does.
+HOST_BUILDS = ("tensor", "as_tensor")
 
 
 class HostReads:
-    """Counts tensor-to-host reads (the Python methods that need the value) while `active`."""
+    """Counts tensor-to-host reads (the Python methods that need the value) and tensors built
+    from host values while `active`."""
 
     def __init__(self, monkeypatch):
         self.active, self.count, self.where = False, 0, []
@@ -39,6 +43,16 @@ class HostReads:
                 return __original(tensor, *args, **kwargs)
 
             monkeypatch.setattr(torch.Tensor, name, counted)
+        for name in HOST_BUILDS:
+            original = getattr(torch, name)
+
+            def built(*args, __original=original, __name=name, **kwargs):
+                if self.active:
+                    self.count += 1
+                    self.where.append(f"torch.{__name}")
+                return __original(*args, **kwargs)
+
+            monkeypatch.setattr(torch, name, built)
 
 
 def tiny(**extra):
@@ -210,7 +224,7 @@ def test_divergence_in_the_last_step_writes_no_result(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_device_synchronisation_inside_steps_on_cuda(tmp_path):
-    cfg = resolve(dict(TINY, seat_impl="auto", device="cuda"), cuda_available=True)
+    cfg = resolve(dict(TINY, seat_impl="auto", device="cuda", color_jitter=0.1, color_drop=0.5), cuda_available=True)
     model = SAN(cfg).cuda().to(memory_format=torch.channels_last)
     runtime = build_runtime(cfg)
     step = TrainStep(Objective(model), model, build_optimizer(model, cfg), runtime, cfg, DistEnv(),
