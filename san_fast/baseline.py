@@ -21,7 +21,6 @@ from tqdm import tqdm
 from san_fast.evaluation import plan_scores
 from san_fast.loader import SeededItems
 from san_fast.metrics import UnsupervisedMetrics
-from san_fast.runtime import derive_seed
 from san_fast.worker_threads import limit_worker_threads
 
 KMEANS_STREAM = 3  # derive_seed purpose tag of the k-means fit's crops (training's are 1 and 2)
@@ -45,7 +44,7 @@ def _items(dataset: Dataset, indices: Optional[list[int]], num_workers: int):
 def _seeded_items(dataset: Dataset, indices: list[int], seed: int, num_workers: int):
     """Items `indices`, each drawn under its own seed from (seed, index): random training crops
     are then the same whichever process or worker loads them (as in training, san_fast.loader)."""
-    keys = [(i, derive_seed(seed, KMEANS_STREAM, i)) for i in indices]
+    keys = [(i, (seed, KMEANS_STREAM, i)) for i in indices]
     return DataLoader(SeededItems(dataset), batch_size=None, sampler=keys, num_workers=num_workers,
                       worker_init_fn=limit_worker_threads if num_workers else None)
 

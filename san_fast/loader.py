@@ -29,9 +29,11 @@ AUGMENT_STREAM = 1  # derive_seed purpose tag for per-item augmentation
 
 
 class SeededItems(Dataset):
-    """Items keyed by (index, seed): each drawn under torch's generator seeded with `seed`. The
-    caller's generator state is restored afterwards, so loading in the main process (no workers)
-    does not disturb the training step's own random stream."""
+    """Items keyed by (index, seed parts): each drawn under torch's CPU generator seeded with
+    derive_seed(*parts). The seed is derived here, in the worker that loads the item, not in the
+    sampler, which runs in the training process between steps. The caller's generator state is
+    restored afterwards, so loading in the main process (no workers) does not disturb the
+    training step's own random stream."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -39,15 +41,17 @@ class SeededItems(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]):
+        index, parts = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            # The CPU generator only: torch.manual_seed would also queue a seeding of every
+            # accelerator backend not yet initialised, capturing a stack trace for each, per item.
+            torch.default_generator.manual_seed(derive_seed(*parts))
             return self.dataset[index]
 
 
 class EpochBatches(Sampler):
-    """This rank's batches of one epoch, as lists of (index, item seed), from a start batch."""
+    """This rank's batches of one epoch, as lists of (index, item seed parts), from a start batch."""
 
     def __init__(self, size: int, per_rank_batch: int, env: DistEnv, seed: int):
         self.sampler = DistributedSampler(range(size), num_replicas=env.world_size, rank=env.rank,
@@ -70,7 +74,7 @@ class EpochBatches(Sampler):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for b in range(self.start, self.per_epoch):
             chunk = self.indices[b * self.batch:(b + 1) * self.batch]
-            yield [(i, derive_seed(self.seed, AUGMENT_STREAM, self.epoch, i)) for i in chunk]
+            yield [(i, (self.seed, AUGMENT_STREAM, self.epoch, i)) for i in chunk]
 
 
 class RankShard(Sampler):

@@ -1,5 +1,6 @@
-"""DataLoader workers run numpy's BLAS with one thread: inherited all-core pools in every worker
-oversubscribe the CPU (see san_fast/worker_threads.py)."""
+"""What the training loader's workers do per item, and what the training process leaves to them:
+numpy's BLAS at one thread (inherited all-core pools in every worker oversubscribe the CPU, see
+san_fast/worker_threads.py), item seeds derived in the worker, the CPU generator seeded alone."""
 
 import sys
 
@@ -65,3 +66,40 @@ def test_a_missing_threadpoolctl_is_said_once_and_workers_still_load(monkeypatch
         worker_threads.warn_unlimited_workers.cache_clear()
     out = capsys.readouterr().out
     assert out.count("threadpoolctl is not installed") == 1, out
+
+
+class Draws(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.randint(0, 1 << 30, (4,))
+
+
+def test_items_draw_from_their_derived_seed_on_the_cpu_generator_alone(monkeypatch):
+    """An item's draws are those of torch's CPU generator seeded with derive_seed(*parts), and
+    the main stream is left where it was. torch.manual_seed is not called: it would also queue a
+    seeding of every accelerator backend not yet started, with a stack trace each, per item."""
+    from san_fast.loader import SeededItems
+    from san_fast.runtime import derive_seed
+
+    expected = torch.Generator().manual_seed(derive_seed(5, 1, 2, 3))
+    want = torch.randint(0, 1 << 30, (4,), generator=expected)
+
+    def refused(seed):
+        raise AssertionError("torch.manual_seed called for an item")
+
+    monkeypatch.setattr(torch, "manual_seed", refused)
+    state = torch.get_rng_state()
+    got = SeededItems(Draws())[(3, (5, 1, 2, 3))]
+    assert torch.equal(got, want)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_sampler_leaves_seed_derivation_to_the_workers():
+    from san_fast.loader import AUGMENT_STREAM, EpochBatches
+
+    batches = EpochBatches(8, 4, DistEnv(), seed=7)
+    batches.set_epoch(2)
+    first = next(iter(batches))
+    assert all(parts == (7, AUGMENT_STREAM, 2, i) for i, parts in first)
