@@ -2,10 +2,11 @@
 timed at one shape, beside what the traffic model says, so the planner's tables
 (kernels/seat_plan.py: FORWARD_TRIPLES, GRAD_TILES, GRAD_TUNE) come from measurements.
 
-    python -m bench.seat_sweep [--shapes paper,n64] [--budget S] [--json PATH]
+    python -m bench.seat_sweep [--shapes paper,n64] [--budget S] [--json PATH] [--kinds caps,grad]
 
 Per gradient candidate: BLOCK_M x BLOCK_P2 tile, P range = BLOCK_P2 (K ranges), T runs per
-range (one CTA per SM, and 2x, 4x that), num_warps and num_stages; the row-block iterations
+range (one CTA per SM, and 2x, 4x that), num_warps and num_stages (and with --kinds caps, a
+register cap per thread with the grid sized for the CTAs it lets share an SM); the row-block iterations
 each CTA runs and the microseconds per iteration, which is what the traffic model does not
 see (a CTA per SM runs its row blocks one after another). Forward candidates likewise.
 GPU only: the interpreter's timings mean nothing.
@@ -33,6 +34,11 @@ from san_fast.kernels.seat_reference import as_matrix, as_rows
 DEVICE = torch.device("cuda")
 GRAD_TILES = [(64, 128), (32, 128), (128, 64), (64, 64), (32, 64), (16, 128), (16, 64), (128, 32)]
 WARPS_STAGES = [(8, 2), (4, 2), (8, 3), (4, 3)]
+# Register caps to try on 4-warp tiles (BLOCK_M, BLOCK_P2, maxnreg): offline compiles
+# (`python -m san_fast.kernels.compile_report --try M=64,P2=64,PD=64,w=4,s=2,r=168`, N = 27, bf16)
+# put 64 x 64 at 168 registers without spills on sm90 (three CTAs per SM; 92 B on sm80), and at
+# 128 (four per SM) the split BatchNorm backward's dq pass fits every tile tried on sm90.
+REG_CAPS = [(64, 64, 168), (64, 64, 128), (64, 128, 168), (32, 128, 168), (32, 64, 128)]
 FORWARD = [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
            (256, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3), (128, 32, 4, 4), (64, 128, 8, 4)]
 
@@ -47,40 +53,75 @@ def _operands(shape):
     return as_rows(q4.detach()), gamma.detach(), as_matrix(weight.detach()), bias.detach(), grads
 
 
-def sweep_grad(shape, deadline: float, rows: list) -> None:
-    q, gamma, w, bias, (g1, g2) = _operands(shape)
+def _grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, maxnreg=None) -> dict:
+    """One gradient candidate timed: BLOCK_M x BLOCK_P2 tile, T runs per P range, warps,
+    stages and, when given, a register cap per thread (triton's maxnreg)."""
+    q, gamma, w, bias, attn, (g1, g2) = ops
+    k = triton.cdiv(shape.P, p2)
+    plan = seat_plan.GradPlan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, bm, p2, p2, t)
+    cfg = triton.Config({"BLOCK_P": 16, "BLOCK_PD": min(64, p2)}, num_warps=warps, num_stages=stages,
+                        maxnreg=maxnreg)
+    iters = triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)
+    row = {"kind": "grad", "block_m": bm, "block_p2": p2, "k": k, "t": t, "warps": warps, "stages": stages,
+           "maxnreg": maxnreg, "ctas": k * t, "iters_per_cta": iters}
+    try:
+        def run():
+            return launch_grad(seat_plan.MODE_GRADS, q, gamma, w, bias, attn=attn, grad_rec_q=g1, grad_rec_t=g2,
+                               plan=plan, config=cfg)
+        run()
+        row["ms"] = _time(run)
+        row["us_per_iter"] = 1e3 * row["ms"] / row["iters_per_cta"]
+        row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
+    except Exception as exc:  # a tile that does not compile here is a row, not a stop
+        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    row["chosen_now"] = plan == chosen and (warps, stages) in tuned and maxnreg is None
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _grad_setup(shape):
+    """The operands with the forward's saved attention, the device spec and the planner's choice."""
+    q, gamma, w, bias, grads = _operands(shape)
     _, _, attn = seat_forward(q, gamma, w, bias, save_attn=True)
     spec = seat_plan.device_spec(q.device)
     chosen = seat_plan.grad_plan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype, spec)
+    return (q, gamma, w, bias, attn, grads), spec, chosen
+
+
+def _tuned(shape, p2) -> list:
+    return [(c.num_warps, c.num_stages) for c in seat_plan.grad_configs(seat_plan.MODE_GRADS,
+                                                                        common.block_n(shape.N), p2)]
+
+
+def sweep_grad(shape, deadline: float, rows: list) -> None:
+    ops, spec, chosen = _grad_setup(shape)
     # The planner's own tile first: a short budget measures it against its warps and grids.
     for bm, p2 in sorted(GRAD_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
-        k = triton.cdiv(shape.P, p2)
-        base = max(1, spec.sms // k)
-        tuned = [(c.num_warps, c.num_stages) for c in seat_plan.grad_configs(seat_plan.MODE_GRADS,
-                                                                             common.block_n(shape.N), p2)]
+        base = max(1, spec.sms // triton.cdiv(shape.P, p2))
+        tuned = _tuned(shape, p2)
         for warps, stages in WARPS_STAGES:
             for t in sorted({base, 2 * base, 4 * base}):
                 if time.monotonic() > deadline:
                     return
-                plan = seat_plan.GradPlan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C,
-                                          bm, p2, p2, t)
-                cfg = triton.Config({"BLOCK_P": 16, "BLOCK_PD": min(64, p2)}, num_warps=warps, num_stages=stages)
-                iters = triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)
-                row = {"kind": "grad", "block_m": bm, "block_p2": p2, "k": k, "t": t, "warps": warps,
-                       "stages": stages, "ctas": k * t, "iters_per_cta": iters}
-                try:
-                    def run():
-                        return launch_grad(seat_plan.MODE_GRADS, q, gamma, w, bias, attn=attn,
-                                           grad_rec_q=g1, grad_rec_t=g2, plan=plan, config=cfg)
-                    run()
-                    row["ms"] = _time(run)
-                    row["us_per_iter"] = 1e3 * row["ms"] / row["iters_per_cta"]
-                    row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
-                except Exception as exc:  # a tile that does not compile here is a row, not a stop
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                row["chosen_now"] = plan == chosen and (warps, stages) in tuned
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(_grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages))
+
+
+def sweep_caps(shape, deadline: float, rows: list) -> None:
+    """Register-capped 4-warp tiles (REG_CAPS) against the same tiles uncapped: a cap of R
+    registers lets 65536 / (R x 128 threads) CTAs share an SM, and the grid gets that many per
+    SM, so more of the kernel's latency is hidden, at the price of what the cap spills."""
+    ops, spec, chosen = _grad_setup(shape)
+    for bm, p2, cap in REG_CAPS:
+        base = max(1, spec.sms // triton.cdiv(shape.P, p2))
+        tuned = _tuned(shape, p2)
+        for maxnreg in (None, cap):
+            resident = 65536 // ((maxnreg or 255) * 128)
+            if time.monotonic() > deadline:
+                return
+            if maxnreg is None and any(r.get("maxnreg") is None and (r["block_m"], r["block_p2"]) == (bm, p2)
+                                       for r in rows):
+                continue  # the uncapped tile is already measured (another cap of it)
+            rows.append(_grad_row(shape, ops, spec, chosen, tuned, bm, p2, resident * base, 4, 2, maxnreg))
 
 
 def sweep_forward(shape, deadline: float, rows: list) -> None:
@@ -129,7 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="paper")
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--json", default=None)
-    p.add_argument("--kinds", default="profile,grad,forward")
+    p.add_argument("--kinds", default="profile,grad,forward",
+                   help="comma-separated: profile, grad, forward, caps (register-capped tiles, REG_CAPS)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("seat_sweep: needs a CUDA GPU (interpreter timings mean nothing)")
@@ -146,6 +188,8 @@ def main(argv=None) -> int:
         out["rows"][name] = rows
         if "profile" in kinds:
             profile_op(shapes[name])
+        if "caps" in kinds:
+            sweep_caps(shapes[name], deadline, rows)
         if "grad" in kinds:
             sweep_grad(shapes[name], deadline - (0.3 * share if "forward" in kinds else 0), rows)
         if "forward" in kinds:

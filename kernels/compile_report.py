@@ -122,7 +122,7 @@ def _launches(kind: str, dtype: torch.dtype, n: int) -> list[_Launch]:
     return calls
 
 
-def _jit_source(fn, args: tuple, constexprs: dict, target, warps: int, stages: int):
+def _jit_source(fn, args: tuple, constexprs: dict, target, warps: int, stages: int, maxnreg: Optional[int] = None):
     """The ASTSource and options the JIT itself would build for this call on `target`: the same
     argument specialization (integers equal to 1 become constants, pointers and integers get
     their 16-divisibility attributes), which decides vectorization and so the registers."""
@@ -131,9 +131,9 @@ def _jit_source(fn, args: tuple, constexprs: dict, target, warps: int, stages: i
 
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*args, **constexprs, num_warps=warps, num_stages=stages)
-    options, signature, consts, attrs = fn._pack_args(backend, {**constexprs, "num_warps": warps,
-                                                               "num_stages": stages}, bound, specialization, options)
+    launch = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    bound, specialization, options = binder(*args, **constexprs, **launch)
+    options, signature, consts, attrs = fn._pack_args(backend, {**constexprs, **launch}, bound, specialization, options)
     return ASTSource(fn, signature, consts, attrs), options
 
 
@@ -158,12 +158,12 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[Optional[int], Optional[int]]:
 
 
 def _configs(kernel):
-    """(JITFunction, [(config kwargs, num_warps, num_stages)]) for an autotuner or a plain kernel."""
+    """(JITFunction, [(config kwargs, num_warps, num_stages, maxnreg)]) for an autotuner or a plain kernel."""
     from triton.runtime.autotuner import Autotuner
 
     if isinstance(kernel, Autotuner):
-        return kernel.fn, [(dict(cfg.kwargs), cfg.num_warps, cfg.num_stages) for cfg in kernel.configs]
-    return kernel, [({}, None, None)]
+        return kernel.fn, [(dict(cfg.kwargs), cfg.num_warps, cfg.num_stages, cfg.maxnreg) for cfg in kernel.configs]
+    return kernel, [({}, None, None, None)]
 
 
 def compile_kind(
@@ -176,7 +176,8 @@ def compile_kind(
     candidates: Optional[list[dict]] = None,
 ) -> list[Row]:
     """Compile `kind`'s autotune configs (or the `candidates` instead, to try new ones: dicts of
-    constexprs, e.g. BLOCK_M, BLOCK_P2, BLOCK_PD, with num_warps and num_stages) for one dtype,
+    constexprs, e.g. BLOCK_M, BLOCK_P2, BLOCK_PD, with num_warps, num_stages and optionally
+    maxnreg, a register cap per thread) for one dtype,
     arch and N. Candidates apply to the autotuned kernel of the kind, not to its helpers."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -191,23 +192,23 @@ def compile_kind(
             # kernel's BLOCK_M and BLOCK_P2, from its plan): config values override kwargs.
             tuned = configs[0][0]
             configs = [({**tuned, **{k: v for k, v in cand.items() if k.startswith("BLOCK_")}},
-                        cand["num_warps"], cand["num_stages"]) for cand in candidates]
+                        cand["num_warps"], cand["num_stages"], cand.get("maxnreg")) for cand in candidates]
         launch_warps = kwargs.pop("num_warps", 4)
         launch_stages = kwargs.pop("num_stages", 3)
         if "PRECISION" in kwargs:
             kwargs["PRECISION"] = "tf32" if (dtype == "fp32" and tf32 and arch >= 80) else "ieee"
-        for cfg_kwargs, warps, stages in configs[:1] if first_only else configs:
+        for cfg_kwargs, warps, stages, maxnreg in configs[:1] if first_only else configs:
             warps = warps or launch_warps
             stages = stages or launch_stages
             constexprs = {**kwargs, **cfg_kwargs}
             tiles = [k for k in ("BLOCK_M", "BLOCK_P", "BLOCK_P2", "BLOCK_PD") if k in constexprs and autotuned]
             label = ",".join(f"{k[6:]}={constexprs[k]}" for k in tiles)
-            label = f"{label + ',' if label else ''}w={warps},s={stages}"
+            label = f"{label + ',' if label else ''}w={warps},s={stages}" + (f",r={maxnreg}" if maxnreg else "")
             row = Row(kind, fn.__name__, dtype, arch, n, label, ok=False, chosen=_chosen(kind, n))
             start = time.perf_counter()
             try:
                 target = GPUTarget("cuda", arch, 32)
-                src, options = _jit_source(fn, call.args, constexprs, target, warps, stages)
+                src, options = _jit_source(fn, call.args, constexprs, target, warps, stages, maxnreg)
                 compiled = triton.compile(src, target=target, options=options.__dict__)
                 row.registers, row.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
                 row.shared_bytes = int(compiled.metadata.shared)
@@ -259,11 +260,12 @@ def _format_row(row: Row) -> str:
     )
 
 
-_SHORT = {"w": "num_warps", "s": "num_stages"}
+_SHORT = {"w": "num_warps", "s": "num_stages", "r": "maxnreg"}
 
 
 def _candidate(text: str) -> dict:
-    """'M=64,P2=256,PD=64,w=8,s=2' -> {BLOCK_M: 64, BLOCK_P2: 256, BLOCK_PD: 64, num_warps: 8, num_stages: 2}."""
+    """'M=64,P2=256,PD=64,w=8,s=2' -> {BLOCK_M: 64, BLOCK_P2: 256, BLOCK_PD: 64, num_warps: 8, num_stages: 2};
+    r=168 adds a register cap (maxnreg)."""
     out = {}
     try:
         for part in text.split(","):
@@ -301,7 +303,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     add(
         "--try", dest="candidates", nargs="+", metavar="K=V,...", type=_candidate,
         help="compile these configs instead of the autotune lists, e.g. M=64,P2=256,PD=64,w=8,s=2 "
-        "(M, P, P2, PD: BLOCK_M, BLOCK_P, BLOCK_P2, BLOCK_PD; w: warps; s: stages)",
+        "(M, P, P2, PD: BLOCK_M, BLOCK_P, BLOCK_P2, BLOCK_PD; w: warps; s: stages; r: register cap, maxnreg)",
     )
     add("--first-config-only", action="store_true", help="one config per kernel and bucket (quick check)")
     add("--jobs", type=int, default=1, help="compile in this many processes")

@@ -147,12 +147,13 @@ def with_config(kernel, config):
     wraps with that config's parameters (tests run every config this way)."""
     if config is None:
         return kernel, {}
-    return kernel.fn, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    cap = {"maxnreg": config.maxnreg} if config.maxnreg else {}  # a register cap per thread
+    return kernel.fn, {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages, **cap}
 
 
 def config_label(cfg) -> str:
     parts = [f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg.kwargs.items()]
-    return ",".join(parts + [f"w={cfg.num_warps}", f"s={cfg.num_stages}"])
+    return ",".join(parts + [f"w={cfg.num_warps}", f"s={cfg.num_stages}"] + ([f"r={cfg.maxnreg}"] if cfg.maxnreg else []))
 
 
 def chosen_configs(kinds: tuple[str, ...] = ("forward", "backward", "loss")) -> dict[str, str]:

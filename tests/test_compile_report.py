@@ -117,6 +117,17 @@ def test_candidates_can_change_the_plans_tiles(tmp_path):
     assert [r["config"] for r in grad] == ["M=32,P=16,P2=64,PD=32,w=4,s=2"]
 
 
+def test_a_register_cap_reaches_ptxas(tmp_path):
+    """r=R compiles the candidate with triton's maxnreg: ptxas keeps to R registers (spilling
+    what does not fit), and the row's label says so."""
+    proc, report = _run(tmp_path, "--arch", "90", "--dtype", "bf16", "--n", "27", "--kind", "backward",
+                        "--try", "M=64,P2=64,PD=64,w=4,s=2", "M=64,P2=64,PD=64,w=4,s=2,r=128")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    free, capped = [r for r in report["rows"] if r["kernel"] == "seat_grad_kernel"]
+    assert capped["config"].endswith(",r=128") and not free["config"].endswith(",r=128")
+    assert free["registers"] > 128 and capped["registers"] <= 128, (free, capped)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -50,3 +50,17 @@ def test_the_planners_tile_is_measured_first(on_cpu, monkeypatch):
     seat_sweep.sweep_grad(shape, time.monotonic() + 120, rows)
     assert [(r["block_m"], r["block_p2"]) for r in rows][:1] == [(64, 64)], rows
     assert {(r["block_m"], r["block_p2"]) for r in rows} == {(32, 64), (64, 64)}
+
+
+def test_register_caps_run_against_the_same_tile_uncapped(on_cpu, monkeypatch):
+    """Each capped tile is timed beside the tile uncapped (once per tile), its grid sized for
+    the CTAs the cap lets share an SM: 65536 / (cap x 128 threads)."""
+    monkeypatch.setattr(seat_sweep, "REG_CAPS", [(64, 64, 168), (64, 64, 128)])
+    rows: list = []
+    shape = replace(TINY, M=32 * 32)
+    seat_sweep.sweep_caps(shape, time.monotonic() + 120, rows)
+    assert all("error" not in r and r["ms"] > 0 for r in rows), rows
+    assert [r["maxnreg"] for r in rows] == [None, 168, 128]
+    base = rows[0]["t"] // 2  # uncapped: two 4-warp CTAs of up to 255 registers per SM
+    assert [r["t"] for r in rows] == [2 * base, 3 * base, 4 * base]
+    assert not any(r["chosen_now"] for r in rows[1:])
