@@ -30,8 +30,9 @@ OVERCLUSTER = ("hungarian-majority", "majority", "strict")
 GENERATORS = ("vit", "resnet18", "unet")
 VIT_NORMS = ("pre", "post")
 LOGGERS = ("auto", "tensorboard", "none")
-# torch.compile modes (--compile-mode); reduce-overhead replays the compiled step as CUDA graphs.
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes (--compile-mode); reduce-overhead replays the compiled step as CUDA graphs;
+# auto is reduce-overhead on one CUDA device, default elsewhere (runtime.resolve_compile_mode).
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Sections config.json holds besides the Config fields: how the run was launched.
 RUN_RECORD_KEYS = ("distributed",)
 
@@ -104,7 +105,7 @@ class Config:
     device: str = "auto"
     amp: str = "auto"
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode, with compile
+    compile_mode: str = "auto"  # torch.compile mode, with compile
     channels_last: Optional[bool] = None  # None = on for CUDA
     out: str = "runs/latest"
     overwrite: bool = False  # reuse an --out folder that already holds a run
@@ -273,7 +274,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     _bool_flag(p, "compile", "compile", "torch.compile the training step")
     p.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                    help="torch.compile mode with --compile; reduce-overhead replays the step as CUDA graphs, "
-                        "cutting the host's launch work (default: default)")
+                        "cutting the host's launch work; auto: reduce-overhead on one CUDA device, default "
+                        "elsewhere (default: auto)")
     p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
                    default=None, help="channels-last memory format (default: on for CUDA)")
     _bool_flag(p, "no-baseline", "no_baseline", "skip the k-means-on-pixels baseline")

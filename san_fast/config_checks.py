@@ -78,7 +78,7 @@ def validate(cfg: Config) -> None:
             f"--dataset {cfg.dataset} reads files from disk: pass --data-root DIR "
             "(README.md, section Datasets, shows the expected layout)"
         )
-    if cfg.compile_mode != "default" and not cfg.compile:
+    if cfg.compile_mode not in ("auto", "default") and not cfg.compile:
         raise ConfigError(f"--compile-mode {cfg.compile_mode} needs --compile")
     if cfg.resume and cfg.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: continue a run or start afresh")

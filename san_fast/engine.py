@@ -74,7 +74,7 @@ def run(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, env: DistEnv) -> dict:
-    runtime = build_runtime(cfg, env.device)
+    runtime = build_runtime(cfg, env.device, distributed=env.enabled)
     ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
     check_logger(cfg.logger)
     resume = _resume_state(cfg) if cfg.resume else None
@@ -129,7 +129,7 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
     optimizer = build_optimizer(model, cfg, announce=env.is_main)
     # Each rank's own reproducible stream for the on-device colour augmentation.
     torch.manual_seed(derive_seed(cfg.seed, DEVICE_AUGMENT_STREAM, env.rank))
-    step = TrainStep(wrap_objective(model, cfg, env), model, optimizer, runtime, cfg, env,
+    step = TrainStep(wrap_objective(model, cfg, env, runtime), model, optimizer, runtime, cfg, env,
                      LossSums(runtime.device))
     vals = val_loader(cfg, data.val, env, runtime)
     num_classes, names = cfg.num_classes(), class_names_of(cfg)
@@ -157,13 +157,13 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
             scores, shown = evaluate_plan(model, data.plan, val_loader(cfg, data.fit, env, runtime),
                                           val_loader(cfg, data.score, env, runtime), runtime, new_metrics, env,
                                           num_vis=cfg.num_vis)
-    skips = cudagraph_skips(cfg, runtime.device)
+    skips = cudagraph_skips(runtime)
     if skips and env.is_main:
-        print(f"san_fast: --compile-mode reduce-overhead ran {skips} compiled graph(s) without CUDA graphs "
+        print(f"san_fast: compile mode reduce-overhead ran {skips} compiled graph(s) without CUDA graphs "
               "(their launches were issued one by one); TORCH_LOGS=cudagraphs prints why")
     train = {"steps": trainer.progress.step, **trainer.clock.summary(trainer.images),
              "device": str(runtime.device), "amp": str(runtime.amp_dtype or "off"), "attention": backend,
-             "compile": cfg.compile, "compile_mode": cfg.compile_mode if cfg.compile else None,
+             "compile": cfg.compile, "compile_mode": runtime.compile_mode,
              "cudagraph_skips": skips,
              "optimizer": "adam-fused" if step.fused else "adam-foreach",
              "distributed": record}
@@ -198,7 +198,7 @@ def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: st
             f"generator {cfg.generator}{f'-{cfg.vit_depth}' if cfg.generator == 'vit' else ''} | device "
             f"{runtime.device}, amp {runtime.amp_dtype or 'off'}, attention "
             f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, "
-            f"compile {cfg.compile_mode if cfg.compile else 'off'}, "
+            f"compile {runtime.compile_mode or 'off'}, "
             f"Adam {fused} | {procs} | run folder {cfg.out}")
 
 

@@ -34,7 +34,7 @@ class Objective(nn.Module):
         return self.model.losses(x)
 
 
-def wrap_objective(model: SAN, cfg: Config, env: DistEnv) -> nn.Module:
+def wrap_objective(model: SAN, cfg: Config, env: DistEnv, runtime: Runtime) -> nn.Module:
     objective: nn.Module = Objective(model)
     if env.enabled:
         # Buffers (BatchNorm statistics, the running descriptor) are computed from globally
@@ -45,16 +45,17 @@ def wrap_objective(model: SAN, cfg: Config, env: DistEnv) -> nn.Module:
         objective = DistributedDataParallel(
             objective, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             find_unused_parameters=not cfg.reconstruction, **no_sync)
-    if not cfg.compile:
+    mode = runtime.compile_mode
+    if mode is None:
         return objective
-    return torch.compile(objective, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    return torch.compile(objective, mode=None if mode == "default" else mode)
 
 
-def cudagraph_skips(cfg: Config, device: torch.device) -> Optional[int]:
-    """How many compiled graphs inductor left without CUDA graphs under --compile-mode
-    reduce-overhead on a CUDA device (None elsewhere). It skips them quietly: the reasons go to
-    torch's `cudagraphs` log artifact (TORCH_LOGS=cudagraphs), the count to a counter."""
-    if not (cfg.compile and cfg.compile_mode == "reduce-overhead" and torch.device(device).type == "cuda"):
+def cudagraph_skips(runtime: Runtime) -> Optional[int]:
+    """How many compiled graphs inductor left without CUDA graphs under the reduce-overhead
+    mode on a CUDA device (None elsewhere). It skips them quietly: the reasons go to torch's
+    `cudagraphs` log artifact (TORCH_LOGS=cudagraphs), the count to a counter."""
+    if not (runtime.compile_mode == "reduce-overhead" and runtime.device.type == "cuda"):
         return None
     from torch._dynamo.utils import counters
 
@@ -147,7 +148,7 @@ class TrainStep:
         """Train on one batch (`step` is its 1-based number); with `monitor`, also return the
         (N,) wins of each semantic on it (on the device)."""
         cfg = self.cfg
-        if cfg.compile_mode == "reduce-overhead":  # config checks: only with --compile
+        if self.runtime.compile_mode == "reduce-overhead":
             # CUDA graphs reuse their output buffers: this step's outputs are new from here on.
             torch.compiler.cudagraph_mark_step_begin()
         x = self.runtime.prepare(images, cfg.color_jitter, cfg.color_drop)

@@ -91,8 +91,9 @@ def test_parser_errors_are_one_line(capsys):
 def test_compile_mode_flag_and_its_check():
     cfg = resolve({"compile": True, "compile_mode": "reduce-overhead"})
     assert cfg.compile_mode == "reduce-overhead"
-    assert resolve({}).compile_mode == "default"
+    assert resolve({}).compile_mode == "auto"
+    assert resolve({"compile_mode": "default"}).compile_mode == "default"  # auto and default need no --compile
     with pytest.raises(ValueError, match="--compile-mode reduce-overhead needs --compile"):
         resolve({"compile_mode": "reduce-overhead"})
-    with pytest.raises(ValueError, match="--compile-mode 'fast': expected one of default, reduce-overhead"):
+    with pytest.raises(ValueError, match="--compile-mode 'fast': expected one of auto, default, reduce-overhead"):
         resolve({"compile": True, "compile_mode": "fast"})

@@ -2,6 +2,7 @@
 fused Adam, and divergence that never becomes a result."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from san_fast.distributed import DistEnv
 from san_fast.engine import run
 from san_fast.loader import SeededItems
 from san_fast.model import SAN
-from san_fast.runtime import build_runtime
+from san_fast.runtime import build_runtime, resolve_compile_mode
 from san_fast.train_step import LossSums, Objective, TrainStep, build_optimizer
 
 TINY = dict(crop_size=32, embed_dim=32, vit_dim=32, vit_heads=2, vit_depth=1, batch_size=8,
@@ -250,9 +251,9 @@ def test_compile_mode_reaches_torch_compile_and_marks_cuda_graph_steps(monkeypat
     for mode, expected in (("default", None), ("reduce-overhead", "reduce-overhead")):
         cfg = tiny(compile=True, compile_mode=mode)
         model = SAN(cfg)
-        objective = module.wrap_objective(model, cfg, DistEnv())
-        assert seen[-1] == {"mode": expected}
         runtime = build_runtime(cfg)
+        objective = module.wrap_objective(model, cfg, DistEnv(), runtime)
+        assert seen[-1] == {"mode": expected}
         step = TrainStep(objective, model, build_optimizer(model, cfg), runtime, cfg, DistEnv(),
                          LossSums(runtime.device))
         step(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), 1, monitor=False)
@@ -268,8 +269,27 @@ def test_cuda_graph_skips_are_counted_only_where_cuda_graphs_could_run(monkeypat
     from san_fast.train_step import cudagraph_skips
 
     monkeypatch.setitem(counters["inductor"], "cudagraph_skips", 2)
-    graphs = tiny(compile=True, compile_mode="reduce-overhead")
-    assert cudagraph_skips(graphs, torch.device("cuda", 0)) == 2
-    assert cudagraph_skips(graphs, torch.device("cpu")) is None
-    assert cudagraph_skips(tiny(compile=True), torch.device("cuda", 0)) is None
-    assert cudagraph_skips(tiny(compile=False), torch.device("cuda", 0)) is None
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def runtime(device, **flags):  # what cudagraph_skips reads of a Runtime (one on CUDA needs a GPU)
+        return SimpleNamespace(device=device, compile_mode=resolve_compile_mode(tiny(**flags), device, False))
+
+    assert cudagraph_skips(runtime(cuda, compile=True, compile_mode="reduce-overhead")) == 2
+    assert cudagraph_skips(runtime(cuda, compile=True)) == 2  # auto: CUDA graphs on one GPU
+    assert cudagraph_skips(runtime(cpu, compile=True, compile_mode="reduce-overhead")) is None
+    assert cudagraph_skips(runtime(cuda, compile=True, compile_mode="default")) is None
+    assert cudagraph_skips(runtime(cuda, compile=False)) is None
+
+
+def test_auto_compile_mode_is_cuda_graphs_on_one_gpu_only():
+    """--compile-mode auto (the default): reduce-overhead on one CUDA device; default on the
+    CPU and under DDP; a mode given by name is kept; nothing without --compile."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    auto = tiny(compile=True)
+    assert auto.compile_mode == "auto"
+    assert resolve_compile_mode(auto, cuda, distributed=False) == "reduce-overhead"
+    assert resolve_compile_mode(auto, cuda, distributed=True) == "default"
+    assert resolve_compile_mode(auto, cpu, distributed=False) == "default"
+    assert resolve_compile_mode(tiny(compile=True, compile_mode="max-autotune"), cuda, distributed=True) == "max-autotune"
+    assert resolve_compile_mode(tiny(compile=False), cuda, distributed=False) is None
+    assert build_runtime(auto).compile_mode == "default"  # this machine's CPU
