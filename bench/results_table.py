@@ -95,7 +95,8 @@ def training(results: dict) -> list[str]:
         floor = floors.get(x["row"], {}).get("floor_ms")
         step = x.get("step_ms")
         peak = x.get("peak_gpu_memory_bytes")
-        wait = x.get("data_wait_fraction")
+        after = x.get("data_wait_fraction_after_warmup")  # absent from results older than it
+        wait = after if after is not None else x.get("data_wait_fraction")
         rows.append([f"({x['row']}) {x.get('name')}", _f(x.get("images_per_second_after_warmup")
                                                          or x.get("images_per_second"), ".0f"),
                      _f(step), _f(x.get("median_step_ms")), _f(floor),
@@ -116,7 +117,10 @@ def training(results: dict) -> list[str]:
     graphs = [f"({x['row']}) ran {x['cudagraph_skips']} compiled graph(s) without CUDA graphs: "
               + ("; ".join(x.get("cudagraph_skip_reasons") or []) or "no reason logged")
               for x in r.get("rows", []) if x.get("cudagraph_skips")]
-    return ["## Training step (paper preset, synthetic data)", "", f"Model floor: {basis}.", ""] + \
+    waits = ("Data wait: the share of the steps after warm-up spent waiting for batches"
+             + ("" if all(x.get("data_wait_fraction_after_warmup") is not None for x in r.get("rows", []))
+                else " (of the whole loop, warm-up included, for rows without that figure)") + ".")
+    return ["## Training step (paper preset, synthetic data)", "", f"Model floor: {basis}. {waits}", ""] + \
         _table(head, rows) + ([target, ""] if target else []) + ([*graphs, ""] if graphs else []) + \
         _loader_line(r.get("loader"))
 

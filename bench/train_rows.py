@@ -88,6 +88,7 @@ def read_metrics(path: Path) -> dict:
         "median_step_ms": train.get("median_step_ms_after_warmup"),
         "peak_gpu_memory_bytes": train.get("peak_gpu_memory_bytes"),
         "data_wait_fraction": train.get("data_wait_fraction"),
+        "data_wait_fraction_after_warmup": train.get("data_wait_fraction_after_warmup"),
         "steps": train.get("steps"),
         "attention": train.get("attention"),
         "optimizer": train.get("optimizer"),

@@ -56,6 +56,7 @@ class StepClock:
         self.total = self.waiting = 0.0
         self.started: Optional[float] = None
         self.warm: Optional[tuple[float, int]] = None  # loop time and images at the end of warm-up
+        self.waiting_warm = 0.0  # time spent waiting for batches by then (worker start-up included)
         self.warm_unix = self.stopped_unix = 0.0  # wall clock, for tools sampling the GPU meanwhile
         self.ticks: list[float] = []  # host clock at each step's end after warm-up
 
@@ -84,6 +85,7 @@ class StepClock:
     def mark_warm(self, images: int) -> None:
         self._sync()
         self.warm = (self.elapsed(), images)
+        self.waiting_warm = self.waiting
         self.warm_unix = time.time()
         self.ticks = [time.perf_counter()]
 
@@ -95,9 +97,10 @@ class StepClock:
             self.ticks.append(time.perf_counter())
 
     def summary(self, images: int) -> dict[str, Any]:
-        after = None
+        after = wait_after = None
         if self.warm is not None and self.total > self.warm[0]:
             after = round((images - self.warm[1]) / (self.total - self.warm[0]), 2)
+            wait_after = round((self.waiting - self.waiting_warm) / (self.total - self.warm[0]), 4)
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         gaps = [b - a for a, b in zip(self.ticks, self.ticks[1:])]
         return {"seconds": round(self.total, 2),
@@ -105,6 +108,8 @@ class StepClock:
                 "images_per_second": round(images / max(self.total, 1e-9), 2),
                 "images_per_second_after_warmup": after, "peak_gpu_memory_bytes": peak,
                 "data_wait_fraction": round(self.waiting / max(self.total, 1e-9), 4),
+                # the same over the steps after warm-up: whether the loader kept up with them
+                "data_wait_fraction_after_warmup": wait_after,
                 # the steps after warm-up (evaluations and checkpoints fall inside it)
                 "measured_window_unix_s": [self.warm_unix, self.stopped_unix] if after else None}
 

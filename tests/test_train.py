@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from san_fast.checkpoint import load_checkpoint
 from san_fast.config import resolve
 from san_fast.engine import run
@@ -33,6 +36,7 @@ def test_run_writes_config_metrics_checkpoint_and_pictures(tmp_path):
     assert metrics["train"]["steps"] == 8  # 32 images / batch 8, two epochs
     train = metrics["train"]
     assert train["peak_gpu_memory_bytes"] is None and 0.0 <= train["data_wait_fraction"] <= 1.0
+    assert 0.0 <= train["data_wait_fraction_after_warmup"] <= 1.0
     assert train["images_per_second_after_warmup"] > 0 and train["images_per_second"] > 0  # 3 steps after 5
     assert train["median_step_ms_after_warmup"] > 0  # the median of those 3 steps' host intervals
     assert train["distributed"] == {"world_size": 1, "per_rank_batch": 8, "backend": "none (single process)"}
@@ -99,3 +103,34 @@ def test_cli_rejects_a_kernel_it_cannot_run_before_reading_data(tmp_path):
     assert proc.returncode == 2
     assert "needs CUDA tensors" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_data_wait_after_warm_up_leaves_out_the_workers_start(monkeypatch):
+    """A first batch that waits for the workers to start weighs in the whole loop's wait, not
+    in the wait over the steps after warm-up (a fake clock: 10 s for the first batch, then
+    1 s of waiting in each 4 s step)."""
+    from san_fast import trainer as module
+
+    now = [0.0]
+    monkeypatch.setattr(module.time, "perf_counter", lambda: now[0])
+
+    def batches():
+        now[0] += 10.0
+        yield 0
+        while True:
+            now[0] += 1.0
+            yield 0
+
+    clock, items = module.StepClock(torch.device("cpu")), batches()
+    clock.start()
+    for step in range(1, 11):
+        clock.next_batch(items)
+        now[0] += 3.0  # the step itself
+        if step == 5:
+            clock.mark_warm(step)
+        else:
+            clock.tick()
+    clock.stop()
+    summary = clock.summary(10)
+    assert summary["data_wait_fraction_after_warmup"] == pytest.approx(0.25)  # 5 x 1 s of 5 x 4 s
+    assert summary["data_wait_fraction"] == pytest.approx(19 / 49, abs=1e-4)  # 10 + 9 x 1 s of 10 x 3 + 19 s
