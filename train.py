@@ -16,7 +16,7 @@ def main(argv=None) -> None:
     try:
         cfg = resolve(vars(args))
         # Checked before any data is read, so a wrong device or kernel choice fails at once.
-        ops.check_impl(cfg.seat_impl, resolve_device(cfg.device))
+        ops.check_impl(cfg.seat_impl, resolve_device(cfg.device), cfg.semantics())
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
     # after the flags are checked: a bad flag fails fast

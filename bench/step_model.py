@@ -63,6 +63,7 @@ from bench.step_trace import SeatCall, Settings, StepTracer, Trace, fake_mode, s
 from san_fast.config import Config, build_parser, resolve
 from san_fast.gpu_specs import GPUS, GPUSpec
 from san_fast.io_utils import atomic_write_json
+from san_fast.ops import AUTO_TRITON_MAX_N
 
 PART_LABELS = {"": "loss, glue", "encoder": "pixel encoder", "backbone": "ViT", "vit": "ViT",
                "generator": "sem. heads", "matcher": "token matcher", "seat": "SEAT + recon",
@@ -80,8 +81,10 @@ def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Opti
         raise ValueError(f"{gpu} has no bf16 (--amp bf16)")
     else:
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    # san_fast.ops.resolve_impl: the kernel on sm80+ (the GPUs with bf16 here) for `auto`.
-    seat_fused = cfg.reconstruction and (cfg.seat_impl == "triton" or (cfg.seat_impl == "auto" and spec.bf16))
+    # san_fast.ops.resolve_impl: the kernel on sm80+ (the GPUs with bf16 here) for `auto`, up to
+    # AUTO_TRITON_MAX_N semantics.
+    auto_fused = spec.bf16 and cfg.semantics() <= AUTO_TRITON_MAX_N
+    seat_fused = cfg.reconstruction and (cfg.seat_impl == "triton" or (cfg.seat_impl == "auto" and auto_fused))
     if bn_folded is None:  # as SAN.folds_bn decides: auto folds wherever the Triton op runs
         fold = getattr(cfg, "fold_bn", "off")
         folded = fold == "on" or (fold == "auto" and seat_fused)

@@ -41,7 +41,7 @@ def model_from_checkpoint(state: dict, path: str, device: Union[str, torch.devic
     model.to(device)
     if device.type == "cuda":  # the layout the SEAT kernel reads without a copy
         model.to(memory_format=torch.channels_last)
-    model.seat_impl = ops.check_impl(seat_impl, device)
+    model.seat_impl = ops.check_impl(seat_impl, device, cfg.semantics())
     model.set_attention_backend(attn, device, batch=batch, dtype=resolve_amp("auto", device))  # as segment() runs
     return model.eval()
 

@@ -75,7 +75,7 @@ def run(cfg: Config) -> dict:
 
 def _run(cfg: Config, env: DistEnv) -> dict:
     runtime = build_runtime(cfg, env.device, distributed=env.enabled)
-    ops.check_impl(cfg.seat_impl, runtime.device)  # fail before any work is done
+    ops.check_impl(cfg.seat_impl, runtime.device, cfg.semantics())  # fail before any work is done
     check_logger(cfg.logger)
     resume = _resume_state(cfg) if cfg.resume else None
     folder = RunFolder(cfg.out, cfg.resume, cfg.overwrite, resume["config"] if resume is not None else None)
@@ -197,7 +197,7 @@ def _banner(cfg: Config, env: DistEnv, runtime: Runtime, model: SAN, backend: st
             f"SAN {params / 1e6:.2f}M params, P={cfg.embed_dim}, N={cfg.semantics()}, encoder {cfg.encoder}, "
             f"generator {cfg.generator}{f'-{cfg.vit_depth}' if cfg.generator == 'vit' else ''} | device "
             f"{runtime.device}, amp {runtime.amp_dtype or 'off'}, attention "
-            f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device)}, "
+            f"{backend}, SEAT {ops.resolve_impl(cfg.seat_impl, runtime.device, cfg.semantics())}, "
             f"compile {runtime.compile_mode or 'off'}, "
             f"Adam {fused} | {procs} | run folder {cfg.out}")
 

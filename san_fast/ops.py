@@ -85,9 +85,16 @@ class FoldedQ(NamedTuple):
     shift: torch.Tensor
 
 
-def resolve_impl(impl: str, device) -> str:
-    """'auto' -> 'triton' on a CUDA device of compute capability >= 8.0 when Triton imports,
-    else 'torch'; other names pass through.
+# Above this N, 'auto' runs the PyTorch reference: an H100 measured the Triton op's
+# forward+backward at N = 256 at 12.8 ms against 3.9 ms eager (its gradient kernel's
+# accumulators spill there), and at N = 100 the two even (bench/results/nvidia-h100-2026-11-26).
+AUTO_TRITON_MAX_N = 128
+
+
+def resolve_impl(impl: str, device, n: Optional[int] = None) -> str:
+    """'auto' -> 'triton' on a CUDA device of compute capability >= 8.0 when Triton imports and
+    the number of semantics `n` (when given) is at most AUTO_TRITON_MAX_N, else 'torch'; other
+    names pass through.
 
     On sm70 the kernels compile and run (impl='triton'), but Triton >= 3 lowers tl.dot to FMAs
     there (no Volta tensor-core path), so the PyTorch reference is the faster default."""
@@ -96,15 +103,15 @@ def resolve_impl(impl: str, device) -> str:
     if impl != "auto":
         return impl
     device = torch.device(device)
-    if device.type != "cuda" or not _HAS_TRITON:
+    if device.type != "cuda" or not _HAS_TRITON or (n is not None and n > AUTO_TRITON_MAX_N):
         return "torch"
     return "triton" if torch.cuda.get_device_capability(device)[0] >= 8 else "torch"
 
 
-def check_impl(impl: str, device) -> str:
-    """Resolve `impl` for tensors on `device` and fail early, with the reason, where the
-    Triton kernels cannot run there. Returns 'triton' or 'torch'."""
-    impl = resolve_impl(impl, device)
+def check_impl(impl: str, device, n: Optional[int] = None) -> str:
+    """Resolve `impl` for tensors on `device` (and N semantics) and fail early, with the reason,
+    where the Triton kernels cannot run there. Returns 'triton' or 'torch'."""
+    impl = resolve_impl(impl, device, n)
     if impl == "torch":
         return impl
     if not _HAS_TRITON:
@@ -118,8 +125,8 @@ def check_impl(impl: str, device) -> str:
     return impl
 
 
-def _use_triton(impl: str, q: torch.Tensor) -> bool:
-    if check_impl(impl, q.device) == "torch":
+def _use_triton(impl: str, q: torch.Tensor, n: int) -> bool:
+    if check_impl(impl, q.device, n) == "torch":
         return False
     if q.dtype == torch.bfloat16 and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:
         raise TypeError("bfloat16 q needs a GPU with compute capability >= 8.0 for impl='triton'")
@@ -144,7 +151,7 @@ def seat_reconstruct(
     q's dtype (N/P of Q's bytes) so the backward reads Q once."""
     rows, gamma3, w2 = _validate(q, gamma, weight, bias)
     affine = _validate_affine(affine, rows)
-    triton = _use_triton(impl, q)
+    triton = _use_triton(impl, q, gamma3.shape[1])
     if isinstance(affine, BatchStats):
         if triton and _needs_grad(rows, gamma3, w2, bias, affine.weight, affine.bias):
             from san_fast.kernels.seat_bn_split import seat_batchnorm
@@ -203,7 +210,7 @@ def seat_reconstruct_loss(
     affine = _validate_affine(affine, rows)
     x_rows = image_rows(x)
     target_rec_q = consistency_target == "rec_q"
-    triton = _use_triton(impl, q)
+    triton = _use_triton(impl, q, gamma3.shape[1])
     if isinstance(affine, BatchStats):
         if triton and _needs_grad(rows, gamma3, w2, bias, x_rows, affine.weight, affine.bias) and \
                 _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "two_pass":
@@ -243,7 +250,7 @@ def seat_labels(
     affine = _validate_affine(affine, rows)
     if isinstance(affine, BatchStats):
         affine = affine.affine()
-    if not _use_triton(impl, q):
+    if not _use_triton(impl, q, gamma3.shape[1]):
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
         return seat_labels_reference(rows, gamma3)
     if affine is not None:

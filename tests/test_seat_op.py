@@ -389,6 +389,20 @@ def test_gamma_broadcast_and_auto_impl():
         assert rel_err(g, r) < FP32_TOL
 
 
+def test_auto_runs_the_reference_above_the_measured_n(monkeypatch):
+    """impl='auto' on an sm80+ GPU: the kernels up to AUTO_TRITON_MAX_N semantics, the PyTorch
+    reference above (measured faster there); a named impl is kept at any N."""
+    monkeypatch.setattr(ops, "_HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    assert ops.resolve_impl("auto", cuda) == "triton"
+    assert ops.resolve_impl("auto", cuda, 27) == "triton"
+    assert ops.resolve_impl("auto", cuda, ops.AUTO_TRITON_MAX_N) == "triton"
+    assert ops.resolve_impl("auto", cuda, ops.AUTO_TRITON_MAX_N + 1) == "torch"
+    assert ops.resolve_impl("triton", cuda, 256) == "triton"
+    assert ops.resolve_impl("auto", torch.device("cpu"), 27) == "torch"
+
+
 def _errors_inputs():
     q = torch.randn(1, 20, 32, device=DEVICE)
     return q, torch.randn(1, 4, 32, device=DEVICE), torch.randn(3, 32, device=DEVICE), torch.randn(3, device=DEVICE)

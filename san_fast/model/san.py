@@ -94,7 +94,7 @@ class SAN(nn.Module):
         if mode == "off":
             return False
         ends_in_bn = isinstance(getattr(self.encoder, "final_bn", None), nn.modules.batchnorm._BatchNorm)
-        impl = ops.resolve_impl(self.seat_impl, device)
+        impl = ops.resolve_impl(self.seat_impl, device, self.cfg.semantics())
         triton = impl == "triton"
         if strict and mode == "on" and not (ends_in_bn and triton):
             raise ValueError(f"fold_bn='on' needs the Triton SEAT op (seat_impl {self.seat_impl!r} resolves to "
