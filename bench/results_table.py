@@ -66,21 +66,26 @@ def seat(results: dict) -> list[str]:
     rows = []
     for x in r["rows"]:
         if x.get("status") != "ok":
-            rows.append([x.get("shape_name"), x.get("variant"), x.get("mode")] + ["-"] * 10 + [x.get("status")])
+            rows.append([x.get("shape_name"), x.get("variant"), x.get("mode")] + ["-"] * 11 + [x.get("status")])
             continue
-        target = "-" if "target_ms" not in x else f"{x['target_ms']} ({_f(x['target_met'])})"
+        target = "-" if "target_ms" not in x else f"{x['target_ms']} ({_f(x['target_met'])}" + (
+            f"; graph {_f(x['target_met_graph'])})" if x.get("target_met_graph") is not None else ")")
         extra_t = "-" if "extra_met" not in x else f"<= 0.05 ({_f(x['extra_met'])})"
         kernel = _f(x.get("kernel_ms"), ".3f") + (" (host-bound)" if x.get("host_bound") else "")
-        rows.append([x["shape_name"], x["variant"], x["mode"], _f(x["ms"], ".3f"), kernel, target,
+        graph = _f(x.get("graph_ms"), ".3f") if not x.get("graph_error") else "not captured"
+        rows.append([x["shape_name"], x["variant"], x["mode"], _f(x["ms"], ".3f"), kernel, graph, target,
                      _f((x.get("floor_bytes") or 0) / 1e6 or None, ".1f"),
                      _f((x.get("modeled_bytes") or 0) / 1e6 or None, ".1f"),
                      _f(x.get("gbps_floor"), ".0f"), _f(x.get("gbps_modeled"), ".0f"),
                      _f(x.get("of_copy_bw_floor")), _f(x.get("extra_beyond_outputs_of_q"), ".3f"), extra_t, "ok"])
-    head = ["shape", "variant", "mode", "ms", "GPU ms", "target ms", "floor MB", "model MB", "GB/s floor", "GB/s model",
+    head = ["shape", "variant", "mode", "ms", "GPU ms", "graph ms", "target ms", "floor MB", "model MB", "GB/s floor",
+            "GB/s model",
             "of copy bw", "extra/Q", "extra target", "status"]
     return ["## SEAT op", "", f"Copy bandwidth {_f(r.get('copy_gbps'), '.0f')} GB/s (read + write). Times: median of "
             "CUDA-event timings, L2 flushed before each run; GPU ms: the device's own work per run (torch.profiler), "
-            "host-bound where it is under 0.8 of ms (the GPU waited for the host to issue launches). extra/Q: peak "
+            "host-bound where it is under 0.8 of ms (the GPU waited for the host to issue launches); graph ms: the "
+            "case captured once as a CUDA graph and replayed (events, L2 flushed), as --compile's CUDA graphs run it, "
+            "and the target by that time after 'graph'. extra/Q: peak "
             "memory beyond the inputs and the dQ the op returns, over Q's bytes. Targets are the H100's.", ""] + \
         _table(head, rows)
 

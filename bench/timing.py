@@ -42,6 +42,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 2
             "runs": len(times), "method": method}
 
 
+def graph_ms(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100) -> Optional[dict]:
+    """time_ms of `fn` captured once as a CUDA graph and replayed (L2 flushed before each
+    replay, as there): the device's time for the work without the host issuing each launch, as
+    a training step runs it under --compile's CUDA graphs. None off CUDA. `fn` must not read a
+    device value on the host (capture fails on a synchronisation) and must be warm (autotuned,
+    compiled) already."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture needs its allocations warmed away from the default stream
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    try:
+        return time_ms(graph.replay, device, warmup_ms, rep_ms)
+    finally:
+        del out, graph
+
+
 def step_ms(step: Callable[[], object], device: torch.device, steps: int) -> tuple[float, float]:
     """(host, wall) milliseconds per call of `step` over `steps` calls: the host's time to issue
     them, and the time until the device has finished them."""

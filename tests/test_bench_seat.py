@@ -39,6 +39,36 @@ def test_figures_and_targets():
     assert out["of_copy_bw_floor"] == pytest.approx(2 * q / 0.5e-3 / 3e12)
     assert out["extra_beyond_outputs_of_q"] == pytest.approx(0.02, abs=1e-3)  # dQ itself is not "extra"
     met = sm.target_fields("paper", "triton", "loss", 0.44, 0.02)
-    assert met == {"target_ms": 0.45, "target_met": True, "target_extra_of_q": 0.05, "extra_met": True}
+    assert met == {"target_ms": 0.45, "target_met": True, "target_met_graph": None, "target_extra_of_q": 0.05,
+                   "extra_met": True}
     assert sm.target_fields("paper", "triton", "fwd", 0.30, None)["target_met"] is False
+    # Bound by the host by events, within the target replayed from a CUDA graph:
+    graphed = sm.target_fields("paper", "triton", "fwd", 0.69, None, graph=0.21)
+    assert graphed["target_met"] is False and graphed["target_met_graph"] is True
     assert sm.target_fields("n6", "triton", "fwd", 0.1, None) == {}
+
+
+def test_graph_replay_is_cuda_only_and_a_capture_failure_is_a_figure_not_a_stop(monkeypatch):
+    """graph_ms times CUDA-graph replays on a GPU and gives None elsewhere; a case whose
+    capture fails keeps its other figures and says why in graph_error."""
+    from bench import timing
+
+    assert timing.graph_ms(lambda: None, torch.device("cpu")) is None
+    assert sm._graphed(lambda: None, torch.device("cpu"), 10) == {"graph_ms": None}
+
+    def refused(fn, device, rep_ms):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(sm, "graph_ms", refused)
+    got = sm._graphed(lambda: None, torch.device("cpu"), 10)
+    assert got == {"graph_ms": None, "graph_error": "RuntimeError: operation not permitted when stream is capturing"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replay_times_a_captured_op_on_the_gpu():
+    from bench.timing import graph_ms
+
+    q = torch.randn(2, 64, 64, device="cuda")
+    timing = graph_ms(lambda: q * 2 + 1, q.device, warmup_ms=2, rep_ms=5)
+    assert timing["ms"] > 0 and timing["runs"] >= 1
