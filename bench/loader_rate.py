@@ -20,23 +20,25 @@ from san_fast.runtime import build_runtime
 
 def loader_rate(flags: list[str], batches: int = 96) -> dict:
     """images/s of the training loader for train.py `flags`, timed over `batches` batches after
-    the ones the workers had prefetched while starting (2 per worker)."""
+    the ones the workers had prefetched while starting (2 per worker); a split shorter than that
+    runs more epochs, as training would."""
     cfg = config_from_args(flags)
     dataset = build_dataset(cfg, "train")
     loader = train_loader(cfg, dataset, DistEnv(), build_runtime(cfg))
-    loader.batch_sampler.set_epoch(1)
-    prefetched = 2 * cfg.num_workers + 1
-    usable = loader.batch_sampler.per_epoch - prefetched
-    if usable < 1:
-        raise ValueError(f"the training split gives {loader.batch_sampler.per_epoch} batches of "
-                         f"{cfg.batch_size}: too few to time after {prefetched} prefetched ones")
-    batches = min(batches, usable)
-    iterator = iter(loader)
-    for _ in range(prefetched):
-        next(iterator)
-    tic = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
+    if loader.batch_sampler.per_epoch < 1:
+        raise ValueError(f"the training split has {len(dataset)} images, fewer than one batch of {cfg.batch_size}")
+    skip, timed, epoch, tic = 2 * cfg.num_workers + 1, 0, 1, 0.0
+    while timed < batches:
+        loader.batch_sampler.set_epoch(epoch)
+        for _ in loader:
+            if skip:
+                skip -= 1
+                tic = time.perf_counter()
+                continue
+            timed += 1
+            if timed == batches:
+                break
+        epoch += 1
     seconds = time.perf_counter() - tic
     rate = batches * cfg.batch_size / seconds
     return {"images_per_second": round(rate, 1), "batches": batches, "batch_size": cfg.batch_size,

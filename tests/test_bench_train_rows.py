@@ -94,8 +94,10 @@ def test_the_loader_alone_is_timed_and_tabulated():
     assert "Loader alone: not measured (OSError: x)" in failed
 
 
-def test_the_loader_refuses_a_split_too_small_to_time():
+def test_a_short_split_is_timed_over_more_epochs_and_an_empty_one_refused():
     from bench.loader_rate import loader_rate
 
-    with pytest.raises(ValueError, match="too few to time"):
-        loader_rate(train_rows.TINY[:-2] + ["--num-workers", "2", "--synthetic-train-size", "8"])
+    rate = loader_rate(train_rows.TINY + ["--synthetic-train-size", "8"], batches=5)  # 2 batches an epoch
+    assert rate["batches"] == 5 and rate["images_per_second"] > 0
+    with pytest.raises(ValueError, match="fewer than one batch of 4"):
+        loader_rate(train_rows.TINY + ["--synthetic-train-size", "3"])
