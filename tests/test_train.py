@@ -37,6 +37,7 @@ def test_run_writes_config_metrics_checkpoint_and_pictures(tmp_path):
     train = metrics["train"]
     assert train["peak_gpu_memory_bytes"] is None and 0.0 <= train["data_wait_fraction"] <= 1.0
     assert 0.0 <= train["data_wait_fraction_after_warmup"] <= 1.0
+    assert train["compile"] is False and train["compile_mode"] is None  # the mode that ran, none here
     assert train["images_per_second_after_warmup"] > 0 and train["images_per_second"] > 0  # 3 steps after 5
     assert train["median_step_ms_after_warmup"] > 0  # the median of those 3 steps' host intervals
     assert train["distributed"] == {"world_size": 1, "per_rank_batch": 8, "backend": "none (single process)"}
