@@ -27,6 +27,11 @@ from san_fast.io_utils import atomic_write_json
 GRACE_S = 15.0
 
 
+def error_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception as one short line for a report row: its type and its message's first line."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:limit]}"
+
+
 class Deadline:
     def __init__(self, seconds: float):
         self.seconds = seconds

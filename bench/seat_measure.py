@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from bench.runner import StageReport
+from bench.runner import StageReport, error_line
 from bench.timing import copy_bandwidth, extra_peak_bytes, graph_ms, kernel_ms, time_ms
 from san_fast import ops
 
@@ -245,7 +245,7 @@ def _graphed(run, device, rep_ms: float) -> dict:
     try:
         timing = graph_ms(run, device, rep_ms=rep_ms)
     except Exception as exc:  # a case that cannot be captured keeps its other figures
-        return {"graph_ms": None, "graph_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"}
+        return {"graph_ms": None, "graph_error": error_line(exc)}
     return {"graph_ms": None if timing is None else timing["ms"]}
 
 
@@ -308,7 +308,7 @@ def run_stage(report: StageReport, shapes: dict[str, Shape], device: torch.devic
                 row["status"] = "ok"
             except Exception as exc:  # one failing case must not hide the others' numbers
                 row = {"shape_name": shape_name, "variant": variant, "mode": mode,
-                       "status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+                       "status": f"error: {error_line(exc, 200)}"}
             report.row(row)
             print(format_row(row), flush=True)
         del inputs

@@ -22,6 +22,7 @@ import time
 import torch
 import triton
 
+from bench.runner import error_line
 from bench.seat_measure import PAPER, make_inputs, sweep_shapes
 from bench.timing import step_ms, time_ms
 from san_fast.io_utils import atomic_write_json
@@ -73,7 +74,7 @@ def _grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, maxnreg
         row["us_per_iter"] = 1e3 * row["ms"] / row["iters_per_cta"]
         row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
     except Exception as exc:  # a tile that does not compile here is a row, not a stop
-        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        row["error"] = error_line(exc)
     row["chosen_now"] = plan == chosen and (warps, stages) in tuned and maxnreg is None
     print(json.dumps(row), flush=True)
     return row
@@ -108,20 +109,19 @@ def sweep_grad(shape, deadline: float, rows: list) -> None:
 
 def sweep_caps(shape, deadline: float, rows: list) -> None:
     """Register-capped 4-warp tiles (REG_CAPS) against the same tiles uncapped: a cap of R
-    registers lets 65536 / (R x 128 threads) CTAs share an SM, and the grid gets that many per
-    SM, so more of the kernel's latency is hidden, at the price of what the cap spills."""
+    registers lets more CTAs share an SM (seat_plan.resident_ctas), and the grid gets that many
+    per SM, so more of the kernel's latency is hidden, at the price of what the cap spills."""
     ops, spec, chosen = _grad_setup(shape)
+    uncapped: set = set()  # tiles measured without a cap already
     for bm, p2, cap in REG_CAPS:
         base = max(1, spec.sms // triton.cdiv(shape.P, p2))
         tuned = _tuned(shape, p2)
-        for maxnreg in (None, cap):
-            resident = 65536 // ((maxnreg or 255) * 128)
+        for maxnreg in ((cap,) if (bm, p2) in uncapped else (None, cap)):
             if time.monotonic() > deadline:
                 return
-            if maxnreg is None and any(r.get("maxnreg") is None and (r["block_m"], r["block_p2"]) == (bm, p2)
-                                       for r in rows):
-                continue  # the uncapped tile is already measured (another cap of it)
+            resident = seat_plan.resident_ctas(4, maxnreg or seat_plan.MAX_THREAD_REGISTERS)
             rows.append(_grad_row(shape, ops, spec, chosen, tuned, bm, p2, resident * base, 4, 2, maxnreg))
+        uncapped.add((bm, p2))
 
 
 def sweep_forward(shape, deadline: float, rows: list) -> None:
@@ -138,7 +138,7 @@ def sweep_forward(shape, deadline: float, rows: list) -> None:
                 run()
                 row["ms_save_attn" if save else "ms"] = _time(run)
             except Exception as exc:
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                row["error"] = error_line(exc)
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from bench.nvml import BusySampler
-from bench.runner import StageReport
+from bench.runner import StageReport, error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ["--preset", "paper", "--dataset", "synthetic", "--num-semantics", "27", "--batch-size", "16",
@@ -68,11 +68,15 @@ def row_flags(row: str, dry_run: bool) -> list[str]:
     flags = list(ROWS[row][1])
     if dry_run:
         flags[flags.index("--amp") + 1] = "off"
-        if "--compile-mode" in flags:
-            i = flags.index("--compile-mode")
-            del flags[i:i + 2]
-        return TINY + [f for f in flags if f != "--compile"]
+        return TINY + [f for f in _without_compile_mode(flags) if f != "--compile"]
     return PAPER + flags
+
+
+def _without_compile_mode(flags: list[str]) -> list[str]:
+    if "--compile-mode" not in flags:
+        return flags
+    at = flags.index("--compile-mode")
+    return flags[:at] + flags[at + 2:]
 
 
 def read_metrics(path: Path) -> dict:
@@ -191,11 +195,11 @@ def measure_loader(dry_run: bool, workers: int) -> dict:
     """The rows' training loader alone (same data, crops and workers): the fastest step it feeds."""
     from bench.loader_rate import loader_rate
 
-    flags = TINY + ["--amp", "off"] if dry_run else PAPER + ["--num-workers", str(workers)]
+    flags = TINY if dry_run else PAPER + ["--num-workers", str(workers)]
     try:
         rate = loader_rate(flags)
     except Exception as exc:  # the rows still run; the table says why this line is missing
-        return {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": error_line(exc)}
     print(f"[train] loader alone: {rate['images_per_second']:.0f} images/s with {rate['num_workers']} workers, "
           f"no step faster than {rate['fastest_step_ms']:.1f} ms", flush=True)
     return rate
@@ -211,10 +215,7 @@ def model_floors(report: StageReport, dry_run: bool, copy_gbps: Optional[float])
     # kernels'): rows that differ only there share one trace.
     traced: dict = {}
     for row in (DRY_ROWS if dry_run else ROWS):
-        flags = [f for f in row_flags(row, dry_run) if f not in ("--device", "cpu")]
-        if "--compile-mode" in flags:
-            at = flags.index("--compile-mode")
-            flags = flags[:at] + flags[at + 2:]
+        flags = _without_compile_mode([f for f in row_flags(row, dry_run) if f not in ("--device", "cpu")])
         try:
             key = tuple(flags)
             if key not in traced:

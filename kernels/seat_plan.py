@@ -110,10 +110,20 @@ def grad_kind(mode: int) -> str:
     return "loss" if mode in LOSS_MODES else "backward"
 
 
+# An SM's register file and a thread's most registers (sm70 to sm90).
+SM_REGISTERS = 65536
+MAX_THREAD_REGISTERS = 255
+
+
+def resident_ctas(warps: int, registers: int = MAX_THREAD_REGISTERS) -> int:
+    """CTAs of `warps` warps at `registers` per thread that one SM's registers hold."""
+    return SM_REGISTERS // (registers * 32 * warps)
+
+
 def ctas_per_sm(kind: str, bn: int) -> int:
-    """Resident CTAs per SM the grid is sized for: two where a 4-warp candidate can run (at up
-    to 255 registers, 128 threads: two fit an SM's 64K registers), else one."""
-    return 2 if any(t[-2] == 4 for t in GRAD_TUNE[kind][bucket(bn)]) else 1
+    """Resident CTAs per SM the grid is sized for, at the most registers a thread may take: two
+    where a 4-warp candidate can run, else one."""
+    return max(resident_ctas(t[-2]) for t in GRAD_TUNE[kind][bucket(bn)])
 
 
 def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None) -> list:

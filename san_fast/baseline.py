@@ -21,7 +21,7 @@ from tqdm import tqdm
 from san_fast.evaluation import plan_scores
 from san_fast.loader import SeededItems
 from san_fast.metrics import UnsupervisedMetrics
-from san_fast.worker_threads import limit_worker_threads
+from san_fast.worker_threads import worker_options
 
 KMEANS_STREAM = 3  # derive_seed purpose tag of the k-means fit's crops (training's are 1 and 2)
 
@@ -37,16 +37,14 @@ def _pixels(image: torch.Tensor) -> torch.Tensor:
 def _items(dataset: Dataset, indices: Optional[list[int]], num_workers: int):
     """Dataset items one by one (no batching: real validation images may differ in size)."""
     source = dataset if indices is None else Subset(dataset, indices)
-    return DataLoader(source, batch_size=None, shuffle=False, num_workers=num_workers,
-                      worker_init_fn=limit_worker_threads if num_workers else None)
+    return DataLoader(source, batch_size=None, shuffle=False, **worker_options(num_workers))
 
 
 def _seeded_items(dataset: Dataset, indices: list[int], seed: int, num_workers: int):
     """Items `indices`, each drawn under its own seed from (seed, index): random training crops
     are then the same whichever process or worker loads them (as in training, san_fast.loader)."""
     keys = [(i, (seed, KMEANS_STREAM, i)) for i in indices]
-    return DataLoader(SeededItems(dataset), batch_size=None, sampler=keys, num_workers=num_workers,
-                      worker_init_fn=limit_worker_threads if num_workers else None)
+    return DataLoader(SeededItems(dataset), batch_size=None, sampler=keys, **worker_options(num_workers))
 
 
 def sample_pixels(dataset: Dataset, max_pixels: int, max_images: int, generator: torch.Generator,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from san_fast.config import Config
 from san_fast.distributed import DistEnv
 from san_fast.runtime import Runtime, derive_seed
-from san_fast.worker_threads import limit_worker_threads, warn_unlimited_workers
+from san_fast.worker_threads import worker_options
 
 AUGMENT_STREAM = 1  # derive_seed purpose tag for per-item augmentation
 
@@ -93,11 +93,8 @@ class RankShard(Sampler):
 def _common(cfg: Config, runtime: Runtime) -> dict:
     """What every DataLoader of a run shares: workers with one-thread native pools, pinned
     batches for a CUDA device, workers kept across epochs."""
-    workers = cfg.num_workers
-    if workers > 0:
-        warn_unlimited_workers()
-    return dict(num_workers=workers, pin_memory=runtime.device.type == "cuda", persistent_workers=workers > 0,
-                worker_init_fn=limit_worker_threads if workers > 0 else None)
+    return dict(**worker_options(cfg.num_workers), pin_memory=runtime.device.type == "cuda",
+                persistent_workers=cfg.num_workers > 0)
 
 
 def train_loader(cfg: Config, dataset: Dataset, env: DistEnv, runtime: Runtime) -> DataLoader:

@@ -28,3 +28,12 @@ def warn_unlimited_workers() -> None:
     except ImportError:
         print("san_fast: threadpoolctl is not installed, so DataLoader workers keep numpy's BLAS "
               "threads (one per core each); pip install threadpoolctl")
+
+
+def worker_options(num_workers: int) -> dict:
+    """A DataLoader's worker arguments: `num_workers` workers, each with one-thread native pools
+    (said once where that cannot be done)."""
+    if num_workers <= 0:
+        return {"num_workers": num_workers, "worker_init_fn": None}
+    warn_unlimited_workers()
+    return {"num_workers": num_workers, "worker_init_fn": limit_worker_threads}

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from san_fast.data._io import DatasetFileError, SegmentationFiles, check_label_values, sample_files
 from san_fast.io_utils import atomic_write_json
-from san_fast.worker_threads import limit_worker_threads
+from san_fast.worker_threads import worker_options
 
 RECORD = "verified.json"
 RECORD_FORMAT = 1
@@ -101,8 +101,7 @@ def _as_is(item):
 
 def check_files(files: SegmentationFiles, indices: list[int], workers: int, desc: str,
                 progress: bool) -> list[tuple[int, Optional[str]]]:
-    loader = DataLoader(_Checks(files, indices), batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        worker_init_fn=limit_worker_threads if workers else None)
+    loader = DataLoader(_Checks(files, indices), batch_size=None, collate_fn=_as_is, **worker_options(workers))
     return list(tqdm(loader, total=len(indices), desc=desc, unit="file", leave=False,
                      disable=not progress or not indices))
 
