@@ -9,7 +9,9 @@ their backward; Triton's fused-loss kernel against the reference losses), `label
 `bnloss` (paper and tiny shapes: the loss on Q = BatchNorm(q) in training mode, gradients of q
 through the batch statistics included: `triton` the split BatchNorm backward,
 kernels/seat_bn_split.py; `fold` the fold's autograd path, whose backward ends in an elementwise
-pass over q and dq; `eager` torch's batch_norm, then the reference).
+pass over q and dq; `eager` torch's batch_norm, then the reference), `moments` (paper and tiny
+shapes: BatchNorm's per-channel statistics of q, as the fold takes them each step: `triton`
+kernels/channel_moments.py, `stats` torch.batch_norm_stats (CUDA only), `eager` var_mean in fp32).
 
 Per case: device time (san_fast's bench.timing: CUDA events, L2 flushed before each run), the
 GPU's own work (torch.profiler) and the time of the case captured as a CUDA graph and replayed
@@ -44,8 +46,9 @@ TARGET_MS = {"fwd": 0.23, "fwdbwd": 0.67, "loss": 0.45}
 TARGET_EXTRA_OF_Q = 0.05
 HOST_BOUND = 0.8  # GPU work under this share of the event time: the host sets the pace
 TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels",
-              "bnloss": "fused_loss"}
-MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss")
+              "bnloss": "fused_loss", "moments": None}
+MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss", "moments")
+VARIANTS = ("triton", "eager", "compiled", "sdpa", "fold", "stats")
 BN_EPS = 1e-5
 
 
@@ -85,6 +88,7 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
         return [(v, m) for v in ("triton", "eager") for m in ops_modes]
     out = [(v, m) for v in ("triton", "eager", "sdpa") for m in ops_modes if (v, m) != ("sdpa", "loss")]
     out += [(v, "labels") for v in ("triton", "eager")] + [(v, "bnloss") for v in ("triton", "fold", "eager")]
+    out += [(v, "moments") for v in ("triton", "stats", "eager") if v != "stats" or device.type == "cuda"]
     if device.type == "cuda":
         out += [("compiled", m) for m in ops_modes]
     return out
@@ -161,6 +165,8 @@ def build(variant: str, mode: str, inputs):
             return torch.autograd.grad(l_rec + l_con, params)
     elif mode == "bnloss":
         return _bn_loss(variant, inputs)
+    elif mode == "moments":
+        return _moments(variant, q.detach())
     else:
         op = labels_fn(variant)
 
@@ -198,8 +204,19 @@ def _bn_loss(variant: str, inputs):
     return run
 
 
+def _moments(variant: str, q: torch.Tensor):
+    """The `moments` case: per-channel mean and variance of q (B,P,H,W) over (B,H,W)."""
+    from san_fast.kernels.channel_moments import channel_moments_reference, channel_moments_triton
+
+    if variant == "stats":
+        return functools.partial(torch.batch_norm_stats, q, BN_EPS)
+    return functools.partial(channel_moments_triton if variant == "triton" else channel_moments_reference, q)
+
+
 def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     """Floor bytes for the op and, for the Triton variant, the traffic model's bytes."""
+    if mode == "moments":  # one read of q; the traffic model has no launch of it
+        return {"floor_bytes": s.q_bytes(), "modeled_bytes": None}
     try:
         from san_fast.kernels import traffic
     except ImportError as exc:
@@ -256,7 +273,7 @@ def autotuned_configs(mode: str) -> dict:
         return {}
     chosen = getattr(seat_common, "chosen_configs", None)
     kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss",), "labels": ("forward",),
-             "bnloss": ("forward", "backward")}
+             "bnloss": ("forward", "backward"), "moments": ()}
     return chosen(kinds[mode]) if chosen else {}
 
 
@@ -289,13 +306,15 @@ def _gpu_spec(device: torch.device):
     return spec_for_device(device)
 
 
-def run_stage(report: StageReport, shapes: dict[str, Shape], device: torch.device, rep_ms: float) -> None:
+def run_stage(report: StageReport, shapes: dict[str, Shape], device: torch.device, rep_ms: float,
+              modes: Optional[list[str]] = None, variants: Optional[list[str]] = None) -> None:
     copy_bps = copy_bandwidth(device)
     report.set(device=str(device), copy_gbps=copy_bps / 1e9)
     report.note(f"copy bandwidth {copy_bps / 1e9:.0f} GB/s (read + write)")
     gpu = _gpu_spec(device)
     for shape_name, s in shapes.items():
-        todo = cases(shape_name, device)
+        todo = [(v, m) for v, m in cases(shape_name, device)
+                if (modes is None or m in modes) and (variants is None or v in variants)]
         inputs = make_inputs(s, device)
         for variant, mode in todo:
             # A compile takes tens of seconds; a Triton case a few: leave the rest for later shapes.
@@ -330,13 +349,27 @@ def format_row(r: dict) -> str:
             f"{_fmt(r.get('of_copy_bw_floor'), '.2f', 6)} {_fmt(r.get('extra_beyond_outputs_of_q'), '.3f', 7)}")
 
 
+def _choice(parser, flag: str, value: Optional[str], allowed: tuple) -> Optional[list[str]]:
+    if not value:
+        return None
+    chosen = value.split(",")
+    unknown = sorted(set(chosen) - set(allowed))
+    if unknown:
+        parser.error(f"unknown {flag} {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return chosen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="write the stage report here")
     p.add_argument("--budget", type=float, default=None, help="seconds; later shapes are skipped past it")
     p.add_argument("--dry-run", action="store_true", help="one tiny fp32 shape (runs on the CPU)")
     p.add_argument("--shapes", default=None, help="comma-separated names: paper, " + ", ".join(sweep_shapes()))
+    p.add_argument("--modes", default=None, help="comma-separated, of: " + ", ".join(MODES) + " (default all)")
+    p.add_argument("--variants", default=None, help="comma-separated, of: " + ", ".join(VARIANTS) + " (default all)")
     args = p.parse_args(argv)
+    modes = _choice(p, "--modes", args.modes, MODES)
+    variants = _choice(p, "--variants", args.variants, VARIANTS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = StageReport(args.json, "seat", args.budget)
     if args.dry_run or device.type != "cuda":
@@ -348,7 +381,7 @@ def main(argv=None) -> int:
         if args.shapes:
             wanted = args.shapes.split(",")
             shapes = {k: v for k, v in shapes.items() if k in wanted}
-    run_stage(report, shapes, device, rep_ms=100 if device.type == "cuda" else 0)
+    run_stage(report, shapes, device, rep_ms=100 if device.type == "cuda" else 0, modes=modes, variants=variants)
     skipped = sum(1 for r in report.data["rows"] if r.get("status", "").startswith("skipped"))
     if skipped:
         report.note(f"{skipped} cases skipped: the stage's time ran out")

@@ -46,7 +46,7 @@ def seat_grad_kernel(
     q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr, lb_ptr,
     attn_ptr, ga_ptr, gt_ptr,
     dq_ptr, rq_ptr, rt_ptr, ws_ptr, alpha_ptr, beta_ptr,
-    B, M, N, P, C, P_RANGE, T_J, SLOT_LEN, tau, grad_scale, h_rec, h_con,
+    B, M, N, P, C: tl.constexpr, P_RANGE, T_J, SLOT_LEN, tau, grad_scale, h_rec, h_con,
     stride_qb, stride_qm, stride_qp,
     stride_dqb, stride_dqm, stride_dqp,
     stride_ab, stride_am, stride_ac,

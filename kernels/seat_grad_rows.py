@@ -59,26 +59,28 @@ def fused_loss_rows(
 
 
 @triton.jit
-def values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, with_s, ACC: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr):
+def values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C: tl.constexpr, with_s, ACC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """da = gt V^T and, when `with_s`, acc_s += a^T gt, one real channel at a time: C <= 8 (3 in
-    SAN), so C rank-one updates cost a fifth of a dot padded to 16 columns, in exact fp32."""
+    SAN), so C rank-one updates cost a fifth of a dot padded to 16 columns, in exact fp32.
+    Unrolled over the constexpr C: a loop over a runtime C nested in the persistent loop kept
+    triton's software pipeliner off that loop (it pipelines innermost loops only), so each row
+    block's loads waited for the previous block's compute (sm90: no async copies before)."""
     da = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for ci in range(0, C):
+    for ci in tl.static_range(C):
         g_col = tl.sum(tl.where(cs[None, :] == ci, gt, 0.0), axis=1)
         v_col = tl.load(v_blk + ns * C + ci, mask=n_ok, other=0.0).to(ACC)
         da += g_col[:, None] * v_col[None, :]
-        if with_s:
-            s_col = tl.sum(attn * g_col[:, None], axis=0)
-            acc_s += tl.where(cs[None, :] == ci, s_col[:, None], 0.0)
+        s_col = tl.sum(attn * g_col[:, None], axis=0)
+        acc_s += tl.where((cs[None, :] == ci) & with_s, s_col[:, None], 0.0)
     return da, acc_s
 
 
 @triton.jit
-def pack_values_grad(dl, gu, ns, cs, N, C, HALF: tl.constexpr, W_ROWS: tl.constexpr):
+def pack_values_grad(dl, gu, ns, cs, N, C: tl.constexpr, HALF: tl.constexpr, W_ROWS: tl.constexpr):
     """dl with gu's columns in its zero padding: gu column ci (gq) at N + ci and, in the fused
     modes, column HALF + ci (u) at N + C + ci, the order of the dW rows in a workspace slot."""
-    for ci in range(0, C):
+    for ci in tl.static_range(C):
         col = tl.sum(tl.where(cs[None, :] == ci, gu, 0.0), axis=1)
         dl += tl.where(ns[None, :] == N + ci, col[:, None], 0.0)
         if W_ROWS == 2:

@@ -372,7 +372,7 @@ def test_channel_moments_against_float64(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA (torch.batch_norm_stats)")
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (the statistics kernel, kernels/channel_moments.py)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_channel_moments_cuda_path_gpu(dtype):
     check_moments(dtype)

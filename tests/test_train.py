@@ -135,3 +135,24 @@ def test_the_data_wait_after_warm_up_leaves_out_the_workers_start(monkeypatch):
     summary = clock.summary(10)
     assert summary["data_wait_fraction_after_warmup"] == pytest.approx(0.25)  # 5 x 1 s of 5 x 4 s
     assert summary["data_wait_fraction"] == pytest.approx(19 / 49, abs=1e-4)  # 10 + 9 x 1 s of 10 x 3 + 19 s
+
+
+def test_objects_alive_after_warm_up_are_frozen_out_of_the_collector_until_the_run_ends(tmp_path, monkeypatch):
+    """After warm-up the collector no longer walks the run's long-lived objects (a full
+    collection over a compiled model's is a step-sized pause); fit() gives them back."""
+    import gc
+
+    from san_fast import trainer as module
+
+    frozen_at_warm = []
+    mark_warm = module.StepClock.mark_warm
+
+    def spy(self, images):
+        frozen_at_warm.append(gc.get_freeze_count())
+        return mark_warm(self, images)
+
+    monkeypatch.setattr(module.StepClock, "mark_warm", spy)
+    assert gc.get_freeze_count() == 0
+    run(resolve(tiny_flags(tmp_path), cuda_available=False))  # 8 steps: warm after 5
+    assert len(frozen_at_warm) == 1 and frozen_at_warm[0] > 1000
+    assert gc.get_freeze_count() == 0

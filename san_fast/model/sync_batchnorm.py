@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from san_fast.kernels.channel_moments import channel_moments_triton
 from san_fast.kernels.seat_bn_fold import BatchStats, bn_affine, moments_grad
 from san_fast.kernels.seat_reference import loss_dtype
 
@@ -34,22 +35,18 @@ def _distributed() -> bool:
 def channel_moments(y: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of y (B,C,H,W) over (B,H,W), in fp32 (fp64 for a
     float64 y), read from y in its own dtype: no fp32 copy of y is made or kept for the backward.
-    `eps` (> 0, BatchNorm's) only serves the CUDA path.
+    `eps` (BatchNorm's) is part of the op's signature only.
 
     An opaque op so that inductor cannot fuse the reduction with what batch_affine computes from
     it: that fusion (var_mean, then rsqrt, scale, shift and the running statistics, stored from
     one kernel) made triton 3.6 fail to compile it on an H200 ("operand does not dominate this
     use" in TritonGPURemoveLayoutConversions; bench/results/nvidia-h200-2026-11-26). On CUDA the
-    reduction is torch.batch_norm_stats, SyncBatchNorm's Welford kernel (fp32 accumulation,
-    channels-last aware); it returns 1/sqrt(var + eps), from which var comes back to within
-    about 1e-7 of var + eps. Elsewhere, var_mean in the accumulation dtype."""
-    acc = loss_dtype(y)
+    reduction is kernels/channel_moments.py (a split reduction over rows, about one read of y;
+    torch.batch_norm_stats, used before, took 3.7x that on an H100). Elsewhere, var_mean in the
+    accumulation dtype."""
     if y.is_cuda and y.dtype != torch.float64:
-        if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last)):
-            y = y.contiguous()
-        mean, invstd = torch.batch_norm_stats(y, eps)
-        return mean.to(acc), (invstd.to(acc).pow(-2) - eps).clamp_min(0)
-    var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), correction=0)
+        return channel_moments_triton(y)
+    var, mean = torch.var_mean(y.to(loss_dtype(y)), dim=(0, 2, 3), correction=0)
     return mean, var
 
 
