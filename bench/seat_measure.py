@@ -215,8 +215,14 @@ def _moments(variant: str, q: torch.Tensor):
 
 def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     """Floor bytes for the op and, for the Triton variant, the traffic model's bytes."""
-    if mode == "moments":  # one read of q; the traffic model has no launch of it
-        return {"floor_bytes": s.q_bytes(), "modeled_bytes": None}
+    if mode == "moments":  # one read of q; the kernel's own model of its two launches
+        from san_fast.gpu_specs import GPUS
+        from san_fast.kernels.channel_moments import modeled_bytes
+
+        sms = (GPUS[gpu] if isinstance(gpu, str) else gpu).sms
+        side = int(s.M ** 0.5)
+        modeled = modeled_bytes((s.B, s.P, side, side), s.dtype, sms) if variant == "triton" else None
+        return {"floor_bytes": s.q_bytes(), "modeled_bytes": modeled}
     try:
         from san_fast.kernels import traffic
     except ImportError as exc:

@@ -120,12 +120,21 @@ def _empty(shape: tuple, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def _splits(rows: int, channel_blocks: int, device: torch.device) -> int:
-    if common.interpreting():
-        programs = INTERPRETER_PROGRAMS
-    else:
-        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(programs, channel_blocks)))
+def split_rows(rows: int, channels: int, programs: int) -> tuple[int, int]:
+    """(splits, rows per split) for about `programs` programs in all: whole tiles per split."""
+    channel_blocks = triton.cdiv(channels, BLOCK_C)
+    splits = max(1, min(triton.cdiv(rows, BLOCK_R), triton.cdiv(programs, channel_blocks)))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), BLOCK_R) * BLOCK_R
+    return triton.cdiv(rows, rows_per_split), rows_per_split
+
+
+def modeled_bytes(shape: tuple[int, int, int, int], dtype: torch.dtype, sms: int) -> int:
+    """HBM bytes of the two launches on a GPU with `sms` SMs: y read once, the fp32 partials
+    written and read back, the two outputs written."""
+    bsz, channels, h, w = shape
+    splits, _ = split_rows(bsz * h * w, channels, PROGRAMS_PER_SM * sms)
+    y = bsz * channels * h * w * torch.tensor([], dtype=dtype).element_size()
+    return y + 2 * (2 * splits * channels * 4) + 2 * channels * 4
 
 
 def channel_moments_triton(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,14 +152,15 @@ def channel_moments_triton(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if rows < 1 or channels < 1:
         raise ValueError(f"channel_moments needs at least one element per channel, got shape {tuple(y.shape)}")
     y, stride_b, stride_hw, stride_c = _layout(y)
-    channel_blocks = triton.cdiv(channels, BLOCK_C)
-    splits = _splits(rows, channel_blocks, y.device)
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), BLOCK_R) * BLOCK_R
-    splits = triton.cdiv(rows, rows_per_split)
+    if common.interpreting():
+        programs = INTERPRETER_PROGRAMS
+    else:
+        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(y.device).multi_processor_count
+    splits, rows_per_split = split_rows(rows, channels, programs)
     part_mean, part_m2 = _empty((splits, channels), y.device), _empty((splits, channels), y.device)
     mean, var = _empty((channels,), y.device), _empty((channels,), y.device)
     with common.device_guard(y):
-        _partial_kernel[(splits, channel_blocks)](
+        _partial_kernel[(splits, triton.cdiv(channels, BLOCK_C))](
             y, part_mean, part_m2, rows, channels, h * w, rows_per_split, stride_b, stride_hw, stride_c,
             BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
         _combine_kernel[(triton.cdiv(channels, COMBINE_BLOCK_C),)](

@@ -117,3 +117,16 @@ def test_errors(bad, match):
 @pytest.mark.parametrize("shape", [(2, 130, 16, 17), (16, 1024, 128, 128)], ids=["odd", "paper"])
 def test_bf16_gpu(poisoned, shape):
     check(make_y(shape, torch.bfloat16, "channels_last", seed=4))
+
+
+@pytest.mark.parametrize("rows, channels, programs", [(262144, 1024, 1056), (297, 70, 8), (1, 3, 864), (5000, 1, 7)])
+def test_splits_are_whole_tiles_covering_every_row_once(rows, channels, programs):
+    splits, per_split = cm.split_rows(rows, channels, programs)
+    assert per_split % cm.BLOCK_R == 0
+    assert (splits - 1) * per_split < rows <= splits * per_split
+
+
+def test_modeled_bytes_at_the_paper_shape_are_one_read_of_y_and_small_partials():
+    y_bytes = 16 * 1024 * 128 * 128 * 2
+    modeled = cm.modeled_bytes((16, 1024, 128, 128), torch.bfloat16, sms=132)
+    assert y_bytes < modeled < 1.01 * y_bytes
