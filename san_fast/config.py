@@ -111,6 +111,7 @@ class Config:
     overwrite: bool = False  # reuse an --out folder that already holds a run
     save_every: Optional[int] = None  # also checkpoint every this many steps (mid-epoch)
     log_every: int = 50  # steps between reads of the loss terms to the host
+    profile_steps: Optional[int] = None  # torch.profiler over this many steps after warm-up
     logger: str = "auto"  # auto: tensorboard when installed, else none
     resume: Optional[str] = None  # checkpoint.pt of an earlier run: continue after its last epoch
     num_vis: int = 6
@@ -284,6 +285,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     _bool_flag(p, "overwrite", "overwrite", "start afresh in an --out folder that already holds a run")
     p.add_argument("--save-every", type=int, default=None, help="also checkpoint every this many steps")
     p.add_argument("--log-every", type=int, default=None, help="steps between loss reads to the host")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help="profile this many training steps right after warm-up (torch.profiler): per-step "
+                        "host phases and GPU kernel time in metrics.json, a chrome trace in the run folder")
     p.add_argument("--logger", choices=LOGGERS, default=None,
                    help="auto: TensorBoard when the package is installed, else none")
 

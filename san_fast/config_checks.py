@@ -24,9 +24,10 @@ _INT_AT_LEAST = {
     "num_workers": 0, "synthetic_classes": 2, "synthetic_train_size": 1, "synthetic_val_size": 1,
     "synthetic_seed": 0, "seed": 0, "eval_every": 1, "log_every": 1, "num_vis": 0,
     "save_every": 1, "max_steps": 1, "vit_dim": 1, "vit_heads": 1, "num_semantics": 1,
-    "synthetic_image_size": 8,
+    "synthetic_image_size": 8, "profile_steps": 1,
 }
-_OPTIONAL = {"save_every", "max_steps", "vit_dim", "vit_heads", "num_semantics", "synthetic_image_size"}
+_OPTIONAL = {"save_every", "max_steps", "vit_dim", "vit_heads", "num_semantics", "synthetic_image_size",
+             "profile_steps"}
 # Float fields: (low, high, high is excluded). A huge --lr is valid: it diverges, and the trainer
 # reports that.
 _FLOAT_RANGES = {

@@ -166,7 +166,9 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
              "compile": cfg.compile, "compile_mode": runtime.compile_mode,
              "cudagraph_skips": skips,
              "optimizer": "adam-fused" if step.fused else "adam-foreach",
-             "distributed": record}
+             "distributed": record, "profile": trainer.profiler.result}
+    if trainer.profiler.line() and env.is_main:
+        print(f"san_fast: {trainer.profiler.line()}")
     result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),
               "protocol": protocol_description(cfg), "san": scores, "train": train,
               "class_names": names, "history": history}

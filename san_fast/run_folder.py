@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from san_fast.step_profile import TRACE_FILE
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; runs are then not protected against each other
@@ -39,7 +41,7 @@ METRICS = "metrics.json"
 TENSORBOARD = "tensorboard"  # folder of TensorBoard event files (san_fast.logger)
 # Files (and the TensorBoard folder) a run writes; --overwrite removes them so no result of the
 # earlier run survives.
-RUN_FILES = (CHECKPOINT, CONFIG, METRICS, "predictions.png", "curves.png", "confusion.png", TENSORBOARD)
+RUN_FILES = (CHECKPOINT, CONFIG, METRICS, "predictions.png", "curves.png", "confusion.png", TENSORBOARD, TRACE_FILE)
 LOCK = ".lock"
 
 

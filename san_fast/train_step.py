@@ -20,6 +20,7 @@ from san_fast.config import Config
 from san_fast.distributed import DistEnv
 from san_fast.model import SAN
 from san_fast.runtime import Runtime
+from san_fast.step_profile import phase
 
 
 class Objective(nn.Module):
@@ -151,10 +152,12 @@ class TrainStep:
         if self.runtime.compile_mode == "reduce-overhead":
             # CUDA graphs reuse their output buffers: this step's outputs are new from here on.
             torch.compiler.cudagraph_mark_step_begin()
-        x = self.runtime.prepare(images, cfg.color_jitter, cfg.color_drop)
-        with self.runtime.autocast():
+        with phase("prepare"):
+            x = self.runtime.prepare(images, cfg.color_jitter, cfg.color_drop)
+        with phase("forward"), self.runtime.autocast():
             terms, q, gamma = self.objective(x)
-        wins = semantic_wins(q, gamma, cfg.semantics(), self.model.seat_impl) if monitor else None
+        with phase("monitor"):
+            wins = semantic_wins(q, gamma, cfg.semantics(), self.model.seat_impl) if monitor else None
         del q, gamma  # as large as the op's input: free it before the backward pass
         loss = terms["loss"]
         bad = ~torch.isfinite(loss.detach())
@@ -164,9 +167,12 @@ class TrainStep:
             bad = bad.bool()
         self.optimizer.zero_grad(set_to_none=True)
         scaler = self.runtime.scaler
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        self._optimizer_step(bad)
-        self.sums.add(terms, bad, step)
+        with phase("backward"):
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        with phase("optimizer"):
+            self._optimizer_step(bad)
+        with phase("sums"):
+            self.sums.add(terms, bad, step)
         return wins
 
     def _optimizer_step(self, bad: torch.Tensor) -> None:

@@ -156,3 +156,74 @@ def test_objects_alive_after_warm_up_are_frozen_out_of_the_collector_until_the_r
     run(resolve(tiny_flags(tmp_path), cuda_available=False))  # 8 steps: warm after 5
     assert len(frozen_at_warm) == 1 and frozen_at_warm[0] > 1000
     assert gc.get_freeze_count() == 0
+
+
+def test_profile_steps_profile_the_steps_after_warm_up(tmp_path):
+    """--profile-steps N: N steps after warm-up under torch.profiler, their phases' host time in
+    metrics.json and a chrome trace in the run folder; phases are labelled only meanwhile."""
+    from san_fast import step_profile
+
+    run(resolve(tiny_flags(tmp_path, epochs=2, profile_steps=2, num_vis=0), cuda_available=False))
+    profile = json.loads((tmp_path / "metrics.json").read_text())["train"]["profile"]
+    assert profile["steps"] == 2 and profile["wall_ms_per_step"] > 0
+    assert profile["gpu_kernel_ms_per_step"] is None  # no GPU
+    phases = profile["host_ms_per_step"]
+    assert {"next_batch", "prepare", "forward", "backward", "optimizer", "sums"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and phases["forward"] > 0 and phases["backward"] > 0
+    trace = json.loads((tmp_path / "profile_trace.json").read_text())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "san.forward" in names and "san.optimizer" in names
+    assert not step_profile._active
+
+
+def test_a_profile_window_longer_than_the_epoch_ends_with_it(tmp_path):
+    """8 steps in all, 5 of them warm-up: a 10-step window profiles the 3 left."""
+    run(resolve(tiny_flags(tmp_path, epochs=2, profile_steps=10, num_vis=0), cuda_available=False))
+    assert json.loads((tmp_path / "metrics.json").read_text())["train"]["profile"]["steps"] == 3
+
+
+def test_on_a_gpu_the_median_step_is_the_devices_not_the_hosts(monkeypatch):
+    """The host may run ahead of the GPU for a whole run: its intervals then measure the host.
+    On CUDA the clock times step ends with events (a fake device here: steps of 12 ms on the
+    device while the host ticks every 5 ms; the device passes events only when asked after the
+    clock stops, so no gap is read early)."""
+    from san_fast import trainer as module
+
+    now = [0.0]
+    monkeypatch.setattr(module.time, "perf_counter", lambda: now[0])
+    done = [False]
+
+    class FakeEvent:
+        count = 0
+
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = 12.0 * FakeEvent.count  # device ms at which this step ends
+            FakeEvent.count += 1
+
+        def record(self):
+            pass
+
+        def query(self):
+            return done[0]
+
+        def elapsed_time(self, other):
+            return other.at - self.at
+
+    monkeypatch.setattr(module.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(module.torch.cuda, "synchronize", lambda device=None: done.__setitem__(0, True))
+    monkeypatch.setattr(module.torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    clock = module.StepClock(torch.device("cuda"))
+    clock.start()
+    for step in range(1, 11):
+        now[0] += 0.005
+        if step == 5:
+            clock.mark_warm(step)
+            done[0] = False  # mark_warm synchronises; the later events are still pending
+        else:
+            clock.tick()
+    assert clock.gaps == []  # nothing read while the device had not passed the events
+    clock.stop()
+    summary = clock.summary(10)
+    assert summary["median_step_ms_after_warmup"] == pytest.approx(12.0)
+    assert len(clock.gaps) == 5

@@ -69,6 +69,7 @@ CASES = {
     "crop not a multiple of the patch": (["--crop-size", "36"], "multiple of --patch-size", None),
     "save-every 0": (["--save-every", "0"], "--save-every 0", None),
     "log-every 0": (["--log-every", "0"], "--log-every 0", None),
+    "profile-steps 0": (["--profile-steps", "0"], "--profile-steps 0", None),
     "eval-every 0": (["--eval-every", "0"], "--eval-every 0", None),
     "seed -1": (["--seed", "-1"], "--seed -1", None),
     "weight-decay negative": (["--weight-decay", "-0.1"], "--weight-decay -0.1", None),
