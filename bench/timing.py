@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from san_fast.step_profile import event_us, is_device_work  # noqa: F401 (profile_step imports them here)
+
 # Q of the paper shape in bf16 (16 x 128^2 x 1024 x 2 bytes = 512 MiB) on a GPU; a smaller
 # buffer on the CPU, still far larger than its caches.
 COPY_BYTES = {"cuda": 16 * 128 * 128 * 1024 * 2, "cpu": 64 * 2**20}
@@ -93,25 +95,6 @@ def kernel_ms(fn: Callable[[], object], device: torch.device, runs: int = 5) -> 
             fn()
         torch.cuda.synchronize(device)
     return sum(event_us(e, "cuda") for e in prof.key_averages() if is_device_work(e)) / runs / 1e3
-
-
-def event_us(evt, device_type: str) -> float:
-    """Own microseconds of a torch.profiler averaged event on the device (or the CPU), across
-    torch versions (device_time was cuda_time before)."""
-    names = ["self_device_time_total", "self_cuda_time_total"] if device_type == "cuda" else ["self_cpu_time_total"]
-    for name in names:
-        value = getattr(evt, name, None)
-        if value is not None:
-            return float(value)
-    return 0.0
-
-
-def is_device_work(evt) -> bool:
-    """A kernel, copy or fill on the GPU. User annotations (the optimizer's step, inductor's graph
-    ranges) show on the GPU's timeline too but cover kernels counted already: the 2026-11-26
-    profile double-counted Adam."""
-    return (getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
-            and not getattr(evt, "is_user_annotation", False))
 
 
 def copy_bandwidth(device: torch.device) -> float:

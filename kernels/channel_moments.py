@@ -7,13 +7,15 @@ kernel, took 0.68 ms for that on an H100 (bench/results/nvidia-h100-2026-11-26-b
 thread block, reading y with a stride of C elements; no torch op gives the split reduction
 over rows that one read at bandwidth needs, so it is written here.
 
-Two launches:
 Every value is taken relative to its channel's first one (a pivot: the subtraction is exact near
 the mean), so that a mean far larger than the spread costs no precision in the variance.
+
+Two launches:
 1. partial: grid (splits, channel blocks). Each program walks its split's rows in tiles of
    BLOCK_R rows x BLOCK_C channels (contiguous in channels for channels-last y, in rows for
    NCHW), and keeps per channel the mean and the sum of squared deviations (M2) of the rows so
-   far, merging each tile's own (mean, M2), from the corrected two-pass rule, by Chan's rule: no E[y^2] - E[y]^2 cancellation.
+   far, merging each tile's own (mean, M2), from the corrected two-pass rule, by Chan's rule
+   (`_merge`): no E[y^2] - E[y]^2 cancellation.
 2. combine: one program per channel block merges the splits' partials in order, the same rule.
 Fixed split sizes and order: the result is deterministic.
 """
@@ -34,6 +36,14 @@ PROGRAMS_PER_SM = 8
 COMBINE_BLOCK_C = 128
 # Under the interpreter every program runs one after another in numpy: few, large ones.
 INTERPRETER_PROGRAMS = 8
+
+
+@triton.jit
+def _merge(mean, m2, seen, part_mean, part_m2, n_part):
+    """Chan's rule: (mean, M2) of `seen` values merged with those of `n_part` more."""
+    total = seen + n_part
+    delta = part_mean - mean
+    return mean + delta * (n_part / total), m2 + part_m2 + delta * delta * (seen * n_part / total)
 
 
 @triton.jit
@@ -67,10 +77,7 @@ def _partial_kernel(
         shift = tl.sum(dev, axis=0)
         tile_mean = rough + shift / n_tile
         tile_m2 = tl.sum(dev * dev, axis=0) - shift * shift / n_tile
-        total = seen + n_tile
-        delta = tile_mean - mean
-        mean += delta * (n_tile / total)
-        m2 += tile_m2 + delta * delta * (seen * n_tile / total)
+        mean, m2 = _merge(mean, m2, seen, tile_mean, tile_m2, n_tile)
     out = split * channels + cs
     tl.store(mean_ptr + out, mean, mask=c_ok)
     tl.store(m2_ptr + out, m2, mask=c_ok)
@@ -91,10 +98,7 @@ def _combine_kernel(
         n_split = tl.minimum(rows - s * rows_per_split, rows_per_split).to(tl.float32)
         s_mean = tl.load(part_mean_ptr + s * channels + cs, mask=c_ok, other=0.0)
         s_m2 = tl.load(part_m2_ptr + s * channels + cs, mask=c_ok, other=0.0)
-        total = seen + n_split
-        delta = s_mean - mean
-        mean += delta * (n_split / total)
-        m2 += s_m2 + delta * delta * (seen * n_split / total)
+        mean, m2 = _merge(mean, m2, seen, s_mean, s_m2, n_split)
     tl.store(mean_ptr + cs, pivot + mean, mask=c_ok)
     tl.store(var_ptr + cs, m2 / rows, mask=c_ok)
 

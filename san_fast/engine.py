@@ -167,8 +167,9 @@ def _train(cfg: Config, env: DistEnv, runtime: Runtime, folder: RunFolder, data:
              "cudagraph_skips": skips,
              "optimizer": "adam-fused" if step.fused else "adam-foreach",
              "distributed": record, "profile": trainer.profiler.result}
-    if trainer.profiler.line() and env.is_main:
-        print(f"san_fast: {trainer.profiler.line()}")
+    profiled = trainer.profiler.line()
+    if profiled and env.is_main:
+        print(f"san_fast: {profiled}")
     result = {"dataset": cfg.dataset, "num_classes": num_classes, "num_semantics": cfg.semantics(),
               "protocol": protocol_description(cfg), "san": scores, "train": train,
               "class_names": names, "history": history}

@@ -98,8 +98,8 @@ def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
 def resolve_compile_mode(cfg: Config, device: torch.device, distributed: bool) -> Optional[str]:
     """--compile-mode, with auto resolved: CUDA graphs (reduce-overhead) for a run on one CUDA
     device, where they replay the compiled step's ~430 kernel launches without the host issuing
-    each one (an H100 at the paper preset: median step 9.0 ms against 28.0 with the default
-    mode, bench/results/nvidia-h100-2026-11-26). Not under DDP, whose gradient all-reduces run
+    each one (an H100 at the paper preset: 13.0 ms a step against 25.0 with the default mode,
+    bench/results/nvidia-h100-2026-11-26-c). Not under DDP, whose gradient all-reduces run
     inside the backward and have not been measured inside CUDA graphs here; not on the CPU,
     which has no graphs to replay."""
     if not cfg.compile:

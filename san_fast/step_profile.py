@@ -1,10 +1,10 @@
 """`--profile-steps N`: torch.profiler over N training steps right after warm-up, as the trainer
 runs them (data loading, augmentation, compiled graphs, optimizer, bookkeeping).
 
-bench/profile_step.py profiles a bare loop of compiled steps on one batch; a run's steps can be
-slower than that loop (on an H100 the trainer's median step with CUDA graphs was at the step
-model's floor while its mean was 1.5x), and only a trace of the real loop shows where the host
-or the GPU waits. The trainer labels its phases (`phase`: the batch wait, augmentation,
+bench/profile_step.py profiles a bare loop of compiled steps on one batch; a run's steps can
+differ from that loop (data loading, augmentation, bookkeeping), and only a trace of the real
+loop shows where the host or the GPU waits (on an H100 it showed the CUDA-graph step bound by
+its kernels, the host well ahead). The trainer labels its phases (`phase`: the batch wait, augmentation,
 forward, backward, optimizer, loss sums); the summary gives, per step, the window's wall time,
 the GPU's kernel time (CUDA only), and each phase's host time. Written to the run folder:
 profile_trace.json (chrome://tracing or https://ui.perfetto.dev) and metrics.json's
@@ -101,11 +101,23 @@ def _chrome_trace(prof: profile) -> bytes:
         return path.read_bytes()
 
 
-def _is_kernel(event) -> bool:
-    """A kernel, copy or fill on the GPU; not a user annotation (the phases show on the GPU's
-    timeline too, covering kernels counted already)."""
-    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
-            and not getattr(event, "is_user_annotation", False))
+def event_us(evt, device_type: str) -> float:
+    """Own microseconds of a torch.profiler averaged event on the device (or the CPU), across
+    torch versions (device_time was cuda_time before)."""
+    names = ["self_device_time_total", "self_cuda_time_total"] if device_type == "cuda" else ["self_cpu_time_total"]
+    for name in names:
+        value = getattr(evt, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def is_device_work(evt) -> bool:
+    """A kernel, copy or fill on the GPU. User annotations (the optimizer's step, inductor's graph
+    ranges, this module's phases) show on the GPU's timeline too but cover kernels counted
+    already: the 2026-11-26 profile double-counted Adam."""
+    return (getattr(evt, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(evt, "is_user_annotation", False))
 
 
 def summarise(averages, events, steps: int, wall_s: float, device: torch.device) -> dict[str, Any]:
@@ -119,7 +131,7 @@ def summarise(averages, events, steps: int, wall_s: float, device: torch.device)
             host[key] = host.get(key, 0.0) + e.time_range.elapsed_us() / 1e3 / per
     kernel_ms = None
     if device.type == "cuda":
-        total_us = sum(float(getattr(e, "self_device_time_total", 0.0) or 0.0) for e in averages if _is_kernel(e))
+        total_us = sum(event_us(e, "cuda") for e in averages if is_device_work(e))
         kernel_ms = total_us / 1e3 / per
     wall_ms = 1e3 * wall_s / per
     return {"steps": steps, "wall_ms_per_step": round(wall_ms, 3),
