@@ -43,7 +43,7 @@ from san_fast.kernels.seat_backward import MODE_GRADS, combine_through_values, l
 from san_fast.kernels.seat_forward import seat_forward as launch_forward
 from san_fast.kernels.seat_forward import seat_labels as launch_labels
 from san_fast.kernels.seat_fused_loss import rescale_dq_, seat_fused_loss
-from san_fast.kernels.seat_reference import loss_dtype, losses
+from san_fast.kernels.seat_reference import loss_dtype
 
 
 def _zeros_if_none(grad: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -137,10 +137,19 @@ def _(q, gamma, logit_bias):
     return q.new_empty(q.shape[:2], dtype=torch.int64)
 
 
+def _no_zero_grads(ctx) -> None:
+    """Undefined output gradients reach the backward as None instead of zeros. By default
+    autograd fills one with zeros for every output the loss does not use, the non-differentiable
+    ones included: a (B,M,N) buffer for the attention, and in the fused loss a Q-sized one for
+    dq_pre (then a memset of it), for nothing."""
+    ctx.set_materialize_grads(False)
+
+
 def _bias_grad(ctx, grad_rec_q, grad_rec_t, acc, index):
     if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
         return None
-    return (grad_rec_q.to(acc) + grad_rec_t.to(acc)).sum((0, 1)).to(ctx.bias_dtype)
+    # Summed in `acc` without an fp32 copy of either (B,M,C) gradient.
+    return (grad_rec_q.sum((0, 1), dtype=acc) + grad_rec_t.sum((0, 1), dtype=acc)).to(ctx.bias_dtype)
 
 
 def _rec_grads(ctx, q, c, grad_rec_q, grad_rec_t):
@@ -162,6 +171,7 @@ class SeatReconstructFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, gamma, weight, bias, save_attn = inputs
         ctx.save_for_backward(q, gamma, weight, output[2])
+        _no_zero_grads(ctx)
         ctx.save_attn = save_attn
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(output[2])
@@ -188,6 +198,7 @@ class SeatFoldedFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         q, gamma, weight, values, bias, logit_bias, save_attn = inputs
         ctx.save_for_backward(q, gamma, weight, values, logit_bias, output[2])
+        _no_zero_grads(ctx)
         ctx.save_attn = save_attn
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(output[2])
@@ -208,8 +219,9 @@ class SeatFusedLossFunction(torch.autograd.Function):
 
     With V (B,N,C) and lb (B,N) given (the BatchNorm fold) the op is SeatFoldedFunction's
     followed by the losses, and V and lb get their own gradients. Eager only (san_fast.ops
-    routes torch.compile to the two-pass Functions). Only the first two outputs are losses; the
-    rest are the precomputed gradients the backward scales.
+    routes torch.compile to the two-pass Functions). Only the first two outputs are losses; then
+    come the scaled residuals 2 (rec_q - x) / K and 2 (rec_t - target) / K (K = B M C) and the
+    precomputed gradients the backward scales.
 
     The first backward through the graph scales dq_pre in place and returns it: no second
     dQ-sized buffer, no host sync. dq_pre is then gone, so a later backward through the same
@@ -221,16 +233,26 @@ class SeatFusedLossFunction(torch.autograd.Function):
         rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u, d_values, d_lb = seat_fused_loss(
             q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=values, logit_bias=logit_bias,
         )
-        l_rec, l_con = losses(rec_q, rec_t, x, target_rec_q, rec_q.dtype)
-        return l_rec, l_con, rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u, d_values, d_lb
+        # The losses and the backward need only the residuals: formed in place in the kernel's own
+        # (B,M,C) accumulation-dtype buffers and reduced by a norm, so neither makes a temporary
+        # of that size (each 4.7% of Q's bytes at P = 128, where this design runs).
+        k = rec_q.numel()
+        res_con = rec_t.sub_(rec_q if target_rec_q else x)
+        res_rec = rec_q.sub_(x)
+        l_rec = torch.linalg.vector_norm(res_rec).square() / k
+        l_con = torch.linalg.vector_norm(res_con).square() / k
+        res_rec.mul_(2.0 / k)
+        res_con.mul_(2.0 / k)
+        return l_rec, l_con, res_rec, res_con, dq, d_gamma, d_weight, d_weight_u, d_values, d_lb
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values, logit_bias = (*inputs, None, None)[:10]
-        _, _, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u, d_values_pre, d_lb_pre = output
-        ctx.save_for_backward(q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u,
+        _, _, res_rec, res_con, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u, d_values_pre, d_lb_pre = output
+        ctx.save_for_backward(q, gamma, weight, res_rec, res_con, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u,
                               values, logit_bias, d_values_pre, d_lb_pre)
         ctx.mark_non_differentiable(*[t for t in output[2:] if t is not None])
+        _no_zero_grads(ctx)
         ctx.target_rec_q = target_rec_q
         ctx.h_rec, ctx.h_con = h_rec, h_con
         ctx.dtypes = (gamma.dtype, weight.dtype, None if bias is None else bias.dtype, x.dtype)
@@ -238,21 +260,16 @@ class SeatFusedLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rec, grad_con, *_unused):
-        (q, gamma, weight, x, rec_q, rec_t, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u,
+        (q, gamma, weight, u, w_res, dq_pre, d_gamma_pre, d_weight_pre, d_weight_u,
          values, logit_bias, d_values_pre, d_lb_pre) = ctx.saved_tensors
         gamma_dtype, weight_dtype, bias_dtype, x_dtype = ctx.dtypes
         ctx.backward_calls += 1
-        acc = rec_q.dtype
-        grad_rec = grad_rec.to(acc)
-        grad_con = grad_con.to(acc)
+        acc = u.dtype
+        grad_rec = u.new_zeros(()) if grad_rec is None else grad_rec.to(acc)
+        grad_con = u.new_zeros(()) if grad_con is None else grad_con.to(acc)
         # Upstream (g_rec, g_con) against the hint (h_rec, h_con): see kernels/seat_fused_loss.py.
         a = grad_con / ctx.h_con
         b = grad_rec - a * ctx.h_rec
-        bsz, m, c = rec_q.shape
-        scale = 2.0 / (bsz * m * c)
-        x_acc = x.to(acc)
-        u = (rec_q - x_acc) * scale
-        w_res = (rec_t - (rec_q if ctx.target_rec_q else x_acc)) * scale
         needs = ctx.needs_input_grad
         dq = d_gamma = d_weight = d_bias = dx = None
         if needs[0] and ctx.backward_calls == 1:

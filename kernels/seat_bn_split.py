@@ -123,6 +123,8 @@ class SeatBatchNormFunction(torch.autograd.Function):
         ctx.eps, ctx.across_ranks = eps, across_ranks
         ctx.dtypes = (bn_weight.dtype, gamma.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*output[2:])
+        # Otherwise autograd fills the unused outputs' gradients (the attention's included) with zeros.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_rec_q, grad_rec_t, *_unused):
@@ -134,7 +136,7 @@ class SeatBatchNormFunction(torch.autograd.Function):
         grad_rec_t = _zeros_if_none(grad_rec_t, shape, rows).to(rows.dtype)
         d_gs, d_ws, d_values, d_lb = torch.ops.san_fast.seat_backward_folded_sums(
             rows, g_s, w_s, values, lb, attn, grad_rec_q, grad_rec_t)
-        d_bias_f = (grad_rec_q.to(d_gs.dtype) + grad_rec_t.to(d_gs.dtype)).sum((0, 1))
+        d_bias_f = grad_rec_q.sum((0, 1), dtype=d_gs.dtype) + grad_rec_t.sum((0, 1), dtype=d_gs.dtype)
         d_gamma, d_weight, d_bias, d_bn_w, d_bn_b, alpha, beta = _operand_grads(
             small, ctx.eps, count, ctx.across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f)
         dy = torch.ops.san_fast.seat_backward_folded_dq_affine(rows, g_s, w_s, values, lb, attn, grad_rec_q,
