@@ -145,11 +145,15 @@ def _no_zero_grads(ctx) -> None:
     ctx.set_materialize_grads(False)
 
 
+def _rows_grad_sum(grad_rec_q: torch.Tensor, grad_rec_t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The bias's gradient (C,) in `acc`: both (B,M,C) gradients summed without a copy of either."""
+    return grad_rec_q.sum((0, 1), dtype=acc) + grad_rec_t.sum((0, 1), dtype=acc)
+
+
 def _bias_grad(ctx, grad_rec_q, grad_rec_t, acc, index):
     if ctx.bias_dtype is None or not ctx.needs_input_grad[index]:
         return None
-    # Summed in `acc` without an fp32 copy of either (B,M,C) gradient.
-    return (grad_rec_q.sum((0, 1), dtype=acc) + grad_rec_t.sum((0, 1), dtype=acc)).to(ctx.bias_dtype)
+    return _rows_grad_sum(grad_rec_q, grad_rec_t, acc).to(ctx.bias_dtype)
 
 
 def _rec_grads(ctx, q, c, grad_rec_q, grad_rec_t):

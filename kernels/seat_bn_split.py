@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from san_fast.kernels.seat_autograd import _zeros_if_none
+from san_fast.kernels.seat_autograd import _no_zero_grads, _rows_grad_sum, _zeros_if_none
 from san_fast.kernels.seat_backward import MODE_GRADS, launch_grad
 from san_fast.kernels.seat_bn_fold import BatchStats, bn_affine, element_count, folded_operands
 from san_fast.kernels.seat_reference import loss_dtype
@@ -123,8 +123,7 @@ class SeatBatchNormFunction(torch.autograd.Function):
         ctx.eps, ctx.across_ranks = eps, across_ranks
         ctx.dtypes = (bn_weight.dtype, gamma.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(*output[2:])
-        # Otherwise autograd fills the unused outputs' gradients (the attention's included) with zeros.
-        ctx.set_materialize_grads(False)
+        _no_zero_grads(ctx)
 
     @staticmethod
     def backward(ctx, grad_rec_q, grad_rec_t, *_unused):
@@ -136,7 +135,7 @@ class SeatBatchNormFunction(torch.autograd.Function):
         grad_rec_t = _zeros_if_none(grad_rec_t, shape, rows).to(rows.dtype)
         d_gs, d_ws, d_values, d_lb = torch.ops.san_fast.seat_backward_folded_sums(
             rows, g_s, w_s, values, lb, attn, grad_rec_q, grad_rec_t)
-        d_bias_f = grad_rec_q.sum((0, 1), dtype=d_gs.dtype) + grad_rec_t.sum((0, 1), dtype=d_gs.dtype)
+        d_bias_f = _rows_grad_sum(grad_rec_q, grad_rec_t, d_gs.dtype)
         d_gamma, d_weight, d_bias, d_bn_w, d_bn_b, alpha, beta = _operand_grads(
             small, ctx.eps, count, ctx.across_ranks, d_gs, d_ws, d_values, d_lb, d_bias_f)
         dy = torch.ops.san_fast.seat_backward_folded_dq_affine(rows, g_s, w_s, values, lb, attn, grad_rec_q,
