@@ -2,7 +2,10 @@
 thing, speed and memory, against the traffic model and the floor (issue 8, line 6).
 
 Variants: `triton` (san_fast.ops, impl="triton"), `eager` (the plain PyTorch reference),
-`compiled` (torch.compile of the reference; GPU only), `sdpa` (Theta through
+`fused` (paper and tiny shapes, mode `loss` only: impl="triton" with design="fused", the one-pass
+fused loss, whatever the launcher would pick there: the traffic model prefers two_pass at the
+paper shape by an assumed L2 rate that this row measures), `compiled` (torch.compile of the
+reference; GPU only), `sdpa` (Theta through
 F.scaled_dot_product_attention with gamma as key and value, then the 1x1 conv as a linear).
 Modes: `fwd`, `fwdbwd` (forward + backward of both reconstructions), `loss` (L_rec + L_con and
 their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax),
@@ -48,7 +51,7 @@ HOST_BOUND = 0.8  # GPU work under this share of the event time: the host sets t
 TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels",
               "bnloss": "fused_loss", "moments": None}
 MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss", "moments")
-VARIANTS = ("triton", "eager", "compiled", "sdpa", "fold", "stats")
+VARIANTS = ("triton", "fused", "eager", "compiled", "sdpa", "fold", "stats")
 BN_EPS = 1e-5
 
 
@@ -87,6 +90,7 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
     if shape_name not in ("paper", "tiny"):
         return [(v, m) for v in ("triton", "eager") for m in ops_modes]
     out = [(v, m) for v in ("triton", "eager", "sdpa") for m in ops_modes if (v, m) != ("sdpa", "loss")]
+    out.insert(out.index(("triton", "loss")) + 1, ("fused", "loss"))
     out += [(v, "labels") for v in ("triton", "eager")] + [(v, "bnloss") for v in ("triton", "fold", "eager")]
     out += [(v, "moments") for v in ("triton", "stats", "eager") if v != "stats" or device.type == "cuda"]
     if device.type == "cuda":
@@ -132,6 +136,8 @@ def reconstruct_fn(variant: str):
 def loss_fn(variant: str):
     if variant == "triton":
         return functools.partial(ops.seat_reconstruct_loss, impl="triton")
+    if variant == "fused":
+        return functools.partial(ops.seat_reconstruct_loss, impl="triton", design="fused")
     if variant == "compiled":
         return _compiled(ops.seat_reconstruct_loss_reference)
     return {"eager": ops.seat_reconstruct_loss_reference}[variant]
@@ -230,8 +236,9 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     op = TRAFFIC_OP[mode]
     floor = traffic.floor_bytes(op, s.B, s.M, s.P, s.N, s.C, s.dtype)
     modeled = None
-    if variant == "triton":
+    if variant in ("triton", "fused"):
         split = dict(folded=True, split_bn=True, design="two_pass") if mode == "bnloss" else {}
+        split = dict(design="fused") if variant == "fused" else split
         modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **split).total_bytes
     return {"floor_bytes": int(floor), "modeled_bytes": None if modeled is None else int(modeled)}
 
@@ -255,7 +262,7 @@ def target_fields(shape_name: str, variant: str, mode: str, ms: float, extra_of_
                   graph: Optional[float] = None) -> dict:
     """The paper shape's targets for the Triton rows: by the events' time (the host issuing
     each launch) and, where measured, by the CUDA-graph replay's."""
-    if shape_name != "paper" or variant != "triton" or mode not in TARGET_MS:
+    if shape_name != "paper" or variant not in ("triton", "fused") or mode not in TARGET_MS:
         return {}
     return {"target_ms": TARGET_MS[mode], "target_met": ms <= TARGET_MS[mode],
             "target_met_graph": None if graph is None else graph <= TARGET_MS[mode],
@@ -299,7 +306,7 @@ def measure_case(shape_name: str, s: Shape, variant: str, mode: str, inputs, dev
     row.update(figures(s, mode, timing["ms"], bytes_, copy_bps, extra))
     row.update(target_fields(shape_name, variant, mode, timing["ms"], row.get("extra_beyond_outputs_of_q"),
                              row.get("graph_ms")))
-    if variant == "triton":
+    if variant in ("triton", "fused"):
         row["autotuned"] = autotuned_configs(mode)
     return row
 

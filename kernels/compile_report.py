@@ -81,9 +81,9 @@ def _recording_launch(calls: list) -> Callable:
     return launch
 
 
-def _launches(kind: str, dtype: torch.dtype, n: int) -> list[_Launch]:
-    """Call the real launcher for `kind` with small tensors; return what it would launch."""
-    from san_fast.kernels import seat_backward, seat_forward, seat_fused_loss
+def _launches(kind: str, dtype: torch.dtype, n: int, arch: int = 90) -> list[_Launch]:
+    """Call the real launcher for `kind` with small tensors; return what it would launch (on `arch`)."""
+    from san_fast.kernels import seat_backward, seat_forward, seat_fused_loss, seat_plan
 
     b, m, p, c = 1, 80, 48, 3
     gen = torch.Generator().manual_seed(0)
@@ -112,7 +112,12 @@ def _launches(kind: str, dtype: torch.dtype, n: int) -> list[_Launch]:
         )
     elif kind in ("loss_image", "loss_rec_q"):
         x = torch.randn(b, m, c, generator=gen, dtype=master)
-        seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_rec_q", 1.0, 1.0, launch=launch)
+        mode = seat_plan.MODE_LOSS_REC_Q if kind == "loss_rec_q" else seat_plan.MODE_LOSS_IMAGE
+        spec = seat_plan.device_spec(q.device)
+        for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80):  # every tile the planner may pick there
+            plan = seat_plan.grad_plan(mode, b, m, p, n, c, dtype, spec, block_m=bm, block_p2=p2, interpreter=False)
+            seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_rec_q", 1.0, 1.0,
+                                            launch=launch, plan=plan)
     elif kind == "rescale":
         u = torch.randn(b, m, c, generator=gen, dtype=master)
         coef = torch.ones(2, dtype=master)
@@ -183,7 +188,7 @@ def compile_kind(
     from triton.backends.compiler import GPUTarget
 
     rows = []
-    for call in _launches(kind, TORCH_DTYPE[dtype], n):
+    for call in _launches(kind, TORCH_DTYPE[dtype], n, arch):
         fn, configs = _configs(call.kernel)
         autotuned = bool(configs[0][0])  # the rescale kernel has no BLOCK_* to try
         kwargs = dict(call.kwargs)

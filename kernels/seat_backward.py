@@ -55,6 +55,7 @@ def seat_grad_kernel(
     ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr, PASS: tl.constexpr = 0, PACK_W: tl.constexpr = False,
+    W_ROWS: tl.constexpr = 1,
 ):
     """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
     gt_ptr: grad of rec_t (MODE_GRADS only). With LOGIT_BIAS the logits carry lb (B,N) and the
@@ -68,7 +69,12 @@ def seat_grad_kernel(
     padding columns N, N + 1, ..., so one dot gives dGamma and dW together (acc_g's columns
     [N, N + W_ROWS C) are the slot's dW rows, which follow dGamma's there) and one dot gives dq
     from Gamma with W's rows below it. It frees acc_w's registers (BLOCK_P2 x 16 fp32) and a
-    dot per tile: at N = 27 that is what lets the 4-warp tile fit 255 registers."""
+    dot per tile: at N = 27 that is what lets the 4-warp tile fit 255 registers.
+
+    W_ROWS (GradPlan.w_rows): dW partial sums per slot. 2 in MODE_LOSS_REC_Q: the whole dW and
+    its rec-loss part u^T q. 1 elsewhere; in MODE_LOSS_IMAGE (U_SUMS) gq = h_rec u, so the
+    kernel sums u^T q alone, the host takes dW = h_rec u^T q, and dq's W term gets h_rec here:
+    at N <= 32 - C the u columns then fit dl's padding (PACK_W)."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
@@ -88,7 +94,8 @@ def seat_grad_kernel(
     p2_ok = (p2 < P_RANGE) & (p_lo + p2 < P)
     pd = tl.arange(0, BLOCK_PD)
     q_dtype = q_ptr.dtype.element_ty
-    W_ROWS: tl.constexpr = 1 if MODE == 0 else 2
+    U_SUMS: tl.constexpr = (MODE == 1) & (W_ROWS == 1)
+    w_ok = chan_ok & (low | (W_ROWS == 2))
     # dW partial rows: [0, HALF) -> the whole dW, [HALF, BLOCK_C) -> its rec-loss part (fused).
     w_rows = tl.where(low, N * P + chan * P, N * P + C * P + chan * P)
 
@@ -122,7 +129,7 @@ def seat_grad_kernel(
                 rows_ok,
                 ns, n_ok, cs, chan, chan_ok, low, j == 0, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp,
                 stride_am, stride_ac, MODE, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
-                BLOCK_P,
+                BLOCK_P, U_SUMS,
             )
         if PASS == PASS_DQ_AFFINE:  # no sums: S's range-0 CTAs sum nothing either
             da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j < 0, ACC, BLOCK_M, BLOCK_N)
@@ -136,6 +143,11 @@ def seat_grad_kernel(
             dl = pack_values_grad(dl, gu, ns, cs, N, C, HALF, W_ROWS)
         dl_lp = dl.to(q_dtype)
         gu_lp = gu.to(q_dtype)
+        if U_SUMS:  # the sums take u, dq takes gq = h_rec u
+            dl_dq = tl.where(ns[None, :] >= N, dl * h_rec, dl).to(q_dtype)
+            gu_dq = (gu * h_rec).to(q_dtype)
+        else:
+            dl_dq, gu_dq = dl_lp, gu_lp
 
         if PASS != PASS_DQ_AFFINE:
             # Step 2, range j: the last read of this Q tile (evict_first).
@@ -147,14 +159,14 @@ def seat_grad_kernel(
             if not PACK_W:
                 acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
         if PASS != PASS_SUMS:
-            dq_rows(q_img, dq_ptr + b * stride_dqb, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale,
+            dq_rows(q_img, dq_ptr + b * stride_dqb, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_dq, gu_dq, grad_scale,
                     b, rows, rows_ok, ns, n_ok, cs, c_ok, pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp, stride_dqm,
                     stride_dqp, PASS == PASS_DQ_AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD)
 
         if PASS != PASS_DQ_AFFINE:
             if (rb == n_rb - 1) | (it == end - 1):
                 store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns,
-                               n_ok, cs, c_ok, w_rows, chan_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS, PACK_W)
+                               n_ok, cs, c_ok, w_rows, w_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS, PACK_W)
                 acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
                 acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
                 acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
@@ -288,7 +300,7 @@ def launch_grad(
             MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
             BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass,
-            PACK_W=plan.packs_w, **meta,
+            PACK_W=plan.packs_w, W_ROWS=plan.w_rows, **meta,
         )
         if grad_pass == PASS_DQ_AFFINE.value:
             return dq, None, None, None, None, None, None, None
@@ -296,7 +308,11 @@ def launch_grad(
     n_p, c_p = n * p, c * p
     d_gamma = sums[:, :n_p].view(bsz, n, p)
     d_w = sums[:, n_p:n_p + c_p].view(bsz, c, p).sum(0)
-    d_wu = sums[:, n_p + c_p:n_p + 2 * c_p].view(bsz, c, p).sum(0) if fused else None
+    d_wu = None
+    if mode == MODE_LOSS_REC_Q:
+        d_wu = sums[:, n_p + c_p:n_p + 2 * c_p].view(bsz, c, p).sum(0)
+    elif fused:  # U_SUMS: the kernel summed u^T q; the rec loss's dW for the hint is h_rec times it
+        d_wu, d_w = d_w, d_w * h_rec
     s_at = (n + plan.w_rows * c) * p
     s = sums[:, s_at:s_at + n * c].view(bsz, n, c)
     d_lb = sums[:, s_at + n * c:].view(bsz, n) if logit_bias is not None else None

@@ -17,13 +17,15 @@ def fused_loss_rows(
     MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    U_SUMS: tl.constexpr,
 ):
     """The forward of one row block and the gradients of the two MSE losses at rec_q, rec_t
     (without the 2/K of the means: O(1) residuals survive the cast to fp16/bf16 for tl.dot, and
     the launcher's grad_scale = 2/K multiplies the fp32 results instead).
 
     Returns the attention, gt (columns [0, C)) and gu: gq in columns [0, HALF), u = rec_q - x
-    in [HALF, BLOCK_C), so that one tl.dot gives both dW partial sums."""
+    in [HALF, BLOCK_C), so that one tl.dot gives both dW partial sums; with U_SUMS (target x,
+    where gq = h_rec u) u alone in [0, HALF), the kernel applying h_rec to dq's W term."""
     # Default eviction: the K CTAs of this run read the same rows now, and this CTA reads its
     # range again in step 2 (traffic.py's L2 rule).
     logits, rec_q = logits_and_rec_q(
@@ -54,7 +56,10 @@ def fused_loss_rows(
         w_res = tl.where(both_ok, rec_t - rec_q, 0.0)
         gq = h_rec * u - h_con * w_res
     gt = tl.where(low[None, :], h_con * w_res, 0.0)
-    gu = tl.where(low[None, :], gq, u)
+    if U_SUMS:
+        gu = tl.where(low[None, :], u, 0.0)
+    else:
+        gu = tl.where(low[None, :], gq, u)
     return attn, gt, gu
 
 

@@ -74,6 +74,14 @@ GRAD_TUNE = {
     "loss": {32: [(64, 64, 8, 2)], 64: [(32, 64, 8, 2)],
              128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
 }
+# The fused loss with target x where its accumulators take at most 32 columns (dW packed into
+# dGamma's padding, seat_grad_kernel's U_SUMS: N + C <= 32; or BLOCK_N = 16): a 64 x 256 tile,
+# K = 4 at P = 1024 instead of 16, a quarter of the 32 x 64 tile's re-reads of each Q row block
+# through L2; the planner weighs it against the 32 x 64 tile. Its one config compiles without
+# spills for bf16 on sm90 and sm80 under triton 3.6 and 3.9 (compile_report.py; BLOCK_PD = 64 or
+# two stages spill 4-8 B on one of them). Not on sm70, where it spills 14 KB (fp16).
+WIDE_LOSS_TILE = (64, 256)
+WIDE_LOSS_TUNE = (64, 32, 8, 1)
 # The fused loss's kernel (its pass over whole Q rows plus the gradient's accumulators) fits in
 # 255 registers without spills on sm80 and sm90 only up to this padded N: above it the launcher
 # runs two_pass (loss_design); design="fused" still runs it there (kernels/README.md).
@@ -126,10 +134,31 @@ def ctas_per_sm(kind: str, bn: int) -> int:
     return max(resident_ctas(t[-2]) for t in GRAD_TUNE[kind][bucket(bn)])
 
 
+def wide_loss(mode: int, N: int, C: int) -> bool:
+    """Whether the fused loss runs the wide tile (WIDE_LOSS_TILE): target x, with accumulators
+    of at most 32 columns (dGamma's BLOCK_N, plus 16 for dW unless it rides in the padding)."""
+    bn = common.block_n(N)
+    packs = N + C <= bn <= 64  # GradPlan.packs_w with one dW row set (U_SUMS)
+    return mode == MODE_LOSS_IMAGE and bn + (0 if packs else common.BLOCK_C) <= 32
+
+
+def grad_tiles(mode: int, N: int, C: int, sm80: bool = True) -> list[tuple[int, int]]:
+    """(BLOCK_M, BLOCK_P2) tiles the planner chooses among (outside the interpreter); `sm80`:
+    the GPU is sm80 or newer (GPUSpec.bf16)."""
+    tiles = GRAD_TILES[grad_kind(mode)][bucket(common.block_n(N))]
+    # Both: at small P the wide tile's range is mostly padding, and the model says so.
+    return [WIDE_LOSS_TILE] + tiles if sm80 and wide_loss(mode, N, C) else tiles
+
+
 def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None) -> list:
     """Autotune candidates of the gradient kernel for a plan's tile (BLOCK_PD <= BLOCK_P2)."""
     kind = grad_kind(mode)
-    tunes = [INTERPRETER_TUNE[kind]] if _interp(interpreter) else GRAD_TUNE[kind][bucket(bn)]
+    if _interp(interpreter):
+        tunes = [INTERPRETER_TUNE[kind]]
+    elif kind == "loss" and block_p2 == WIDE_LOSS_TILE[1]:
+        tunes = [WIDE_LOSS_TUNE]
+    else:
+        tunes = GRAD_TUNE[kind][bucket(bn)]
     out, seen = [], set()
     for t in tunes:
         *blocks, warps, stages = t
@@ -192,8 +221,10 @@ class GradPlan:
 
     @property
     def w_rows(self) -> int:
-        """dW partials per slot: the whole dW, plus its rec-loss part in the fused loss."""
-        return 2 if self.mode in LOSS_MODES else 1
+        """dW partials per slot: the whole dW; in the fused loss with target rec_q also its
+        rec-loss part. With target x the rec loss alone reaches W, so the kernel sums u^T q and
+        the host scales it by h_rec (seat_grad_kernel's U_SUMS)."""
+        return 2 if self.mode == MODE_LOSS_REC_Q else 1
 
     @property
     def packs_w(self) -> bool:
@@ -239,13 +270,13 @@ def _p_ranges(p: int, block_p2: int, sms: int) -> list[int]:
 def grad_plan_candidates(
     mode: int, B: int, M: int, P: int, N: int, C: int, sms: int, *,
     block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
-    ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None,
+    ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None, sm80: bool = True,
 ) -> list[GradPlan]:
     bn = common.block_n(N)
     if _interp(interpreter):
         tiles = [INTERPRETER_GRAD_TILE]
     else:
-        tiles = GRAD_TILES[grad_kind(mode)][bucket(bn)]
+        tiles = grad_tiles(mode, N, C, sm80)
     if block_m is not None or block_p2 is not None:
         tiles = [(block_m or bm, block_p2 or p2) for bm, p2 in tiles[:1]]
     plans = []
@@ -294,7 +325,8 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
     from san_fast.kernels import traffic
 
     plans = grad_plan_candidates(mode, B, M, P, N, C, spec.sms, block_m=block_m, block_p2=block_p2,
-                                 p_range=p_range, ctas_per_range=ctas_per_range, interpreter=interpreter)
+                                 p_range=p_range, ctas_per_range=ctas_per_range, interpreter=interpreter,
+                                 sm80=spec.bf16)
     if len(plans) == 1:
         return plans[0]
     scored = []

@@ -125,7 +125,7 @@ def grad_cases(on_gpu=False):
         kind = seat_plan.grad_kind(mode)
         for n in NS:
             bn = seat_common.block_n(n)
-            for block_m, block_p2 in seat_plan.GRAD_TILES[kind][seat_plan.bucket(bn)]:
+            for block_m, block_p2 in seat_plan.grad_tiles(mode, n, SMALL["C"]):
                 configs = seat_plan.grad_configs(mode, bn, block_p2, interpreter=False)
                 keys = ("BLOCK_P", "BLOCK_PD") if kind == "loss" else ("BLOCK_PD",)
                 for cfg in _distinct(configs, keys, on_gpu):
@@ -217,7 +217,7 @@ def test_grad_cases_run_both_dw_layouts():
     seen = set()
     for case in grad_cases():
         mode, n, _, _ = case.values
-        w_rows = 2 if mode in LOSS_MODES else 1
+        w_rows = 2 if mode == MODE_LOSS_REC_Q else 1  # target x: u^T q alone (seat_grad_kernel's U_SUMS)
         packed = n + w_rows * SMALL["C"] <= seat_common.block_n(n) <= 64
         dtype = torch.float32 if (NS.index(n) + mode) % 2 == 0 else torch.float16
         seen.add((mode, packed, dtype))

@@ -156,6 +156,8 @@ LOSS_NAMES = ("l_rec", "l_con", "dq", "dgamma", "dweight", "dbias", "dx")
         ("n5_c3_channels_last_nobias", torch.float32, (1.0, 1.0), (1.0, 1.0), "fused"),  # rescale skipped
         ("n27_c8_rows", torch.float32, (0.5, 2.0), (1.0, 1.0), "fused"),  # rescale pass
         ("n100_c3_nchw", torch.float32, (3.0, 0.0), (3.0, 0.5), "fused"),  # rescale pass, g_con = 0
+        # A hint without the rec loss: target x recovers its dW from u^T q, not from dW / h_rec.
+        ("n27_c8_rows", torch.float32, (2.0, 1.0), (0.0, 1.0), "fused"),
         ("n27_c8_rows", torch.float32, (0.5, 2.0), (1.0, 1.0), "two_pass"),
         ("n2_c1_rows", torch.float16, (1.0, 0.25), (1.0, 0.25), "fused"),
         ("n256_c3_rows", torch.float16, (1.0, 1.0), (1.0, 1.0), "auto"),
