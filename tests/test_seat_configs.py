@@ -8,7 +8,8 @@ into a 32-column range and a ragged 16-column one (K = 2), B = 3 images in T = 2
 image boundaries (so partial sums go through several workspace slots per image). The interpreter
 has no warps or stages, so configs differing only there run once; even-numbered configs run in
 fp32, odd ones in fp16 (both dtypes on every kernel and bucket). A sample of awkward shapes (NCHW
-strides, P = 80 with a range exactly the tile, C = 8, T = 3, N = 256) in both dtypes.
+strides, P = 80 with a range exactly the tile, C = 8, T = 3, N = 256; the fused loss's wide tile at
+P = 300, M = 150) in both dtypes.
 
 GPU (marked gpu): every config in bf16, the N = 27 bucket's first config in fp16 and fp32, and
 one paper-shape check (B=16, 128x128, P=1024, N=27, bf16) per kernel: about 55 compiles (the
@@ -149,7 +150,7 @@ def run_forward(n, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
     assert ((labels >= 0) & (labels < n)).all() and (logits.amax(-1) - picked <= tol).all()
 
 
-def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
+def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows", hints=(0.7, 1.3)):
     B, M, P, C = shape["B"], shape["M"], shape["P"], shape["C"]
     q, gamma, weight, bias, x, grq, grt = inputs(B, M, P, n, C, dtype, seed, layout)
     plan = seat_plan.grad_plan(mode, B, M, P, n, C, dtype, H100, block_m=tile[0], block_p2=tile[1],
@@ -171,9 +172,9 @@ def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
         names = ("dq", "dgamma", "dweight")
     else:
         target_rec_q = mode == MODE_LOSS_REC_Q
-        got = seat_fused_loss(q, gamma, weight, bias, x, target_rec_q, 0.7, 1.3, **poisoned)
-        refs = reference_loss(q, gamma, weight, bias, x, target_rec_q, 0.7, 1.3, torch.float64)
-        lows = reference_loss(q, gamma, weight, bias, x, target_rec_q, 0.7, 1.3, dtype) \
+        got = seat_fused_loss(q, gamma, weight, bias, x, target_rec_q, *hints, **poisoned)
+        refs = reference_loss(q, gamma, weight, bias, x, target_rec_q, *hints, torch.float64)
+        lows = reference_loss(q, gamma, weight, bias, x, target_rec_q, *hints, dtype) \
             if dtype != torch.float32 else refs
         names = ("rec_q", "rec_t", "dq", "dgamma", "dweight", "dweight_u")
     for name, g, r, low in zip(names, got, refs, lows):
@@ -241,6 +242,17 @@ def test_awkward_shapes(mode, name, dtype):
     n = 256 if name == "c8" else 27
     cfg = seat_plan.grad_configs(mode, seat_common.block_n(n), 64, interpreter=False)[0]
     run_grad(mode, n, (32, 64), cfg, dtype, shape=AWKWARD[name], seed=hash(name) % 997)
+
+
+@pytest.mark.parametrize("hints", [(0.7, 1.3), (0.0, 1.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_wide_loss_tile_on_ragged_shapes(dtype, hints):
+    """The fused loss's 64 x 256 tile (target x, dW packed): P = 300 in a full and a ragged
+    44-column range, M = 150 ragged, T = 3 runs across two images; h_rec = 0 (no rec loss in the
+    hint) still gives the rec loss's dW, from u^T q."""
+    shape = dict(B=2, M=150, P=300, C=3, runs=3, p_range=256)
+    cfg = seat_plan.grad_configs(MODE_LOSS_IMAGE, 32, seat_plan.WIDE_LOSS_TILE[1], interpreter=False)[0]
+    run_grad(MODE_LOSS_IMAGE, 27, seat_plan.WIDE_LOSS_TILE, cfg, dtype, shape=shape, seed=300, hints=hints)
 
 
 @pytest.mark.parametrize("mode", [MODE_GRADS, MODE_LOSS_IMAGE])
