@@ -2,13 +2,16 @@
 timed at one shape, beside what the traffic model says, so the planner's tables
 (kernels/seat_plan.py: FORWARD_TRIPLES, GRAD_TILES, GRAD_TUNE) come from measurements.
 
-    python -m bench.seat_sweep [--shapes paper,n64] [--budget S] [--json PATH] [--kinds caps,grad]
+    python -m bench.seat_sweep [--shapes paper,n64] [--budget S] [--json PATH] [--kinds caps,grad,loss]
 
 Per gradient candidate: BLOCK_M x BLOCK_P2 tile, P range = BLOCK_P2 (K ranges), T runs per
 range (one CTA per SM, and 2x, 4x that), num_warps and num_stages (and with --kinds caps, a
 register cap per thread with the grid sized for the CTAs it lets share an SM); the row-block iterations
 each CTA runs and the microseconds per iteration, which is what the traffic model does not
-see (a CTA per SM runs its row blocks one after another). Forward candidates likewise.
+see (a CTA per SM runs its row blocks one after another). Forward candidates likewise. With
+--kinds loss, the fused loss (target x) over its tiles and configs (BLOCK_P, BLOCK_PD, warps,
+stages), beside the two-pass design the launcher runs where the model prefers it: which of the
+two is faster at the paper shape rests on the model's assumed L2 rate until this measures it.
 GPU only: the interpreter's timings mean nothing.
 """
 
@@ -30,6 +33,7 @@ from san_fast.kernels import seat_common as common
 from san_fast.kernels import seat_plan, traffic
 from san_fast.kernels.seat_backward import launch_grad
 from san_fast.kernels.seat_forward import seat_forward
+from san_fast.kernels.seat_fused_loss import seat_fused_loss
 from san_fast.kernels.seat_reference import as_matrix, as_rows
 
 DEVICE = torch.device("cuda")
@@ -40,6 +44,11 @@ WARPS_STAGES = [(8, 2), (4, 2), (8, 3), (4, 3)]
 # put 64 x 64 at 168 registers without spills on sm90 (three CTAs per SM; 92 B on sm80), and at
 # 128 (four per SM) the split BatchNorm backward's dq pass fits every tile tried on sm90.
 REG_CAPS = [(64, 64, 168), (64, 64, 128), (64, 128, 168), (32, 128, 168), (32, 64, 128)]
+# The fused loss: (BLOCK_M, BLOCK_P2) tiles and (BLOCK_P, BLOCK_PD, warps, stages) configs.
+# 64 x 256 with (64, 32, 8, 1) is what the planner runs (spill-free on sm80 and sm90); the
+# others spill a little (4-476 B per thread offline) or re-read each Q row block more often.
+LOSS_TILES = [(64, 256), (32, 512), (64, 128), (32, 256), (32, 64), (16, 512)]
+LOSS_CONFIGS = [(64, 32, 8, 1), (64, 64, 8, 2), (32, 32, 8, 1), (64, 16, 8, 1)]
 FORWARD = [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
            (256, 64, 8, 3), (64, 64, 4, 4), (32, 128, 4, 3), (128, 32, 4, 4), (64, 128, 8, 4)]
 
@@ -124,6 +133,71 @@ def sweep_caps(shape, deadline: float, rows: list) -> None:
         uncapped.add((bm, p2))
 
 
+def _loss_row(shape, ops, x, spec, chosen, bm, p2, t, cfg) -> dict:
+    """One fused-loss candidate timed (target x, hints (1, 1))."""
+    q, gamma, w, bias, _, _ = ops
+    block_p, block_pd, warps, stages = cfg
+    plan = seat_plan.GradPlan(seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C, bm, p2,
+                              min(p2, triton.cdiv(shape.P, 16) * 16), t)
+    config = triton.Config({"BLOCK_P": block_p, "BLOCK_PD": min(block_pd, p2)}, num_warps=warps,
+                           num_stages=stages)
+    iters = triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)
+    row = {"kind": "loss", "block_m": bm, "block_p2": p2, "k": plan.k, "t": t, "block_p": block_p,
+           "block_pd": block_pd, "warps": warps, "stages": stages, "ctas": plan.ctas, "iters_per_cta": iters}
+    try:
+        def run():
+            return seat_fused_loss(q, gamma, w, bias, x, False, 1.0, 1.0, plan=plan, config=config)
+        run()
+        row["ms"] = _time(run)
+        row["us_per_iter"] = 1e3 * row["ms"] / iters
+        row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
+    except Exception as exc:  # a candidate that does not compile here is a row, not a stop
+        row["error"] = error_line(exc)
+    tuned = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_PD"], c.num_warps, c.num_stages)
+             for c in seat_plan.grad_configs(plan.mode, plan.block_n, p2)]
+    row["chosen_now"] = plan == chosen and (block_p, min(block_pd, p2), warps, stages) in tuned
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _two_pass_row(shape, ops, spec) -> dict:
+    """The launcher's other design at the same shape: the forward saving the attention, then the
+    gradient kernel from it (the losses' own small ops aside), as planned and autotuned."""
+    q, gamma, w, bias, _, (g1, g2) = ops
+    row = {"kind": "loss_two_pass"}
+    try:
+        def run():
+            _, _, attn = seat_forward(q, gamma, w, bias, save_attn=True)
+            return launch_grad(seat_plan.MODE_GRADS, q, gamma, w, bias, attn=attn, grad_rec_q=g1, grad_rec_t=g2)
+        run()
+        row["ms"] = _time(run)
+        row["modeled_ms"] = traffic.op_traffic("fused_loss", shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype,
+                                               gpu=spec, design="two_pass").modeled_ms
+    except Exception as exc:
+        row["error"] = error_line(exc)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def sweep_loss(shape, deadline: float, rows: list) -> None:
+    """The fused loss's tiles and configs (LOSS_TILES, LOSS_CONFIGS), the planner's first, one
+    CTA per SM and twice that; then the two-pass design once."""
+    q, gamma, w, bias, grads = _operands(shape)
+    x = as_rows(make_inputs(shape, DEVICE)[4])
+    ops = (q, gamma, w, bias, None, grads)
+    spec = seat_plan.device_spec(q.device)
+    chosen = seat_plan.grad_plan(seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype,
+                                 spec)
+    rows.append(_two_pass_row(shape, ops, spec))
+    for bm, p2 in sorted(LOSS_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
+        base = max(1, spec.sms // triton.cdiv(shape.P, p2))
+        for cfg in LOSS_CONFIGS:
+            for t in (base, 2 * base):
+                if time.monotonic() > deadline:
+                    return
+                rows.append(_loss_row(shape, ops, x, spec, chosen, bm, p2, t, cfg))
+
+
 def sweep_forward(shape, deadline: float, rows: list) -> None:
     q, gamma, w, bias, _ = _operands(shape)
     for bm, bp, warps, stages in FORWARD:
@@ -171,7 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=120.0)
     p.add_argument("--json", default=None)
     p.add_argument("--kinds", default="profile,grad,forward",
-                   help="comma-separated: profile, grad, forward, caps (register-capped tiles, REG_CAPS)")
+                   help="comma-separated: profile, grad, forward, caps (register-capped tiles, REG_CAPS), "
+                   "loss (the fused loss's tiles and configs, beside the two-pass design)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("seat_sweep: needs a CUDA GPU (interpreter timings mean nothing)")
@@ -190,6 +265,8 @@ def main(argv=None) -> int:
             profile_op(shapes[name])
         if "caps" in kinds:
             sweep_caps(shapes[name], deadline, rows)
+        if "loss" in kinds:
+            sweep_loss(shapes[name], deadline - (0.5 * share if "grad" in kinds else 0), rows)
         if "grad" in kinds:
             sweep_grad(shapes[name], deadline - (0.3 * share if "forward" in kinds else 0), rows)
         if "forward" in kinds:

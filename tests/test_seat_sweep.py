@@ -64,3 +64,17 @@ def test_register_caps_run_against_the_same_tile_uncapped(on_cpu, monkeypatch):
     base = rows[0]["t"] // 2  # uncapped: two 4-warp CTAs of up to 255 registers per SM
     assert [r["t"] for r in rows] == [2 * base, 3 * base, 4 * base]
     assert not any(r["chosen_now"] for r in rows[1:])
+
+
+def test_loss_sweep_times_the_fused_tiles_beside_the_two_pass_design(on_cpu, monkeypatch):
+    """The fused loss's candidates (here one tile, one config, T and 2T) and the two-pass
+    design once, each with the model's time beside the measured one."""
+    monkeypatch.setattr(seat_sweep, "LOSS_TILES", [(64, 64)])
+    monkeypatch.setattr(seat_sweep, "LOSS_CONFIGS", [(64, 64, 4, 1)])
+    rows: list = []
+    shape = replace(TINY, M=32 * 32)
+    seat_sweep.sweep_loss(shape, time.monotonic() + 120, rows)
+    assert all("error" not in r and r["ms"] > 0 and r["modeled_ms"] > 0 for r in rows), rows
+    assert [r["kind"] for r in rows] == ["loss_two_pass", "loss", "loss"]
+    assert rows[2]["t"] == 2 * rows[1]["t"] and rows[1]["ctas"] == rows[1]["k"] * rows[1]["t"]
+    assert rows[1]["chosen_now"]  # the interpreter's plan: the 64 x 64 tile, one CTA per (4) SM
