@@ -52,6 +52,7 @@ TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_los
               "bnloss": "fused_loss", "moments": None}
 MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss", "moments")
 VARIANTS = ("triton", "fused", "eager", "compiled", "sdpa", "fold", "stats")
+TRITON_VARIANTS = ("triton", "fused")  # the project's kernels: modeled bytes, targets, autotuned configs
 BN_EPS = 1e-5
 
 
@@ -236,10 +237,12 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     op = TRAFFIC_OP[mode]
     floor = traffic.floor_bytes(op, s.B, s.M, s.P, s.N, s.C, s.dtype)
     modeled = None
-    if variant in ("triton", "fused"):
-        split = dict(folded=True, split_bn=True, design="two_pass") if mode == "bnloss" else {}
-        split = dict(design="fused") if variant == "fused" else split
-        modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **split).total_bytes
+    if variant in TRITON_VARIANTS:
+        if variant == "fused":
+            how = dict(design="fused")
+        else:
+            how = dict(folded=True, split_bn=True, design="two_pass") if mode == "bnloss" else {}
+        modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **how).total_bytes
     return {"floor_bytes": int(floor), "modeled_bytes": None if modeled is None else int(modeled)}
 
 
@@ -262,7 +265,7 @@ def target_fields(shape_name: str, variant: str, mode: str, ms: float, extra_of_
                   graph: Optional[float] = None) -> dict:
     """The paper shape's targets for the Triton rows: by the events' time (the host issuing
     each launch) and, where measured, by the CUDA-graph replay's."""
-    if shape_name != "paper" or variant not in ("triton", "fused") or mode not in TARGET_MS:
+    if shape_name != "paper" or variant not in TRITON_VARIANTS or mode not in TARGET_MS:
         return {}
     return {"target_ms": TARGET_MS[mode], "target_met": ms <= TARGET_MS[mode],
             "target_met_graph": None if graph is None else graph <= TARGET_MS[mode],
@@ -306,7 +309,7 @@ def measure_case(shape_name: str, s: Shape, variant: str, mode: str, inputs, dev
     row.update(figures(s, mode, timing["ms"], bytes_, copy_bps, extra))
     row.update(target_fields(shape_name, variant, mode, timing["ms"], row.get("extra_beyond_outputs_of_q"),
                              row.get("graph_ms")))
-    if variant in ("triton", "fused"):
+    if variant in TRITON_VARIANTS:
         row["autotuned"] = autotuned_configs(mode)
     return row
 

@@ -58,9 +58,10 @@ def _time(fn) -> float:
 
 
 def _operands(shape):
-    """(q rows, gamma, W, bias) detached, and the gradients of rec_q, rec_t."""
-    q4, gamma, weight, bias, _, grads = make_inputs(shape, DEVICE)
-    return as_rows(q4.detach()), gamma.detach(), as_matrix(weight.detach()), bias.detach(), grads
+    """(q rows, gamma, W, bias) detached, the target image's rows (B,M,C), and the gradients of
+    rec_q, rec_t."""
+    q4, gamma, weight, bias, x, grads = make_inputs(shape, DEVICE)
+    return as_rows(q4.detach()), gamma.detach(), as_matrix(weight.detach()), bias.detach(), as_rows(x), grads
 
 
 def _grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, maxnreg=None) -> dict:
@@ -91,7 +92,7 @@ def _grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, maxnreg
 
 def _grad_setup(shape):
     """The operands with the forward's saved attention, the device spec and the planner's choice."""
-    q, gamma, w, bias, grads = _operands(shape)
+    q, gamma, w, bias, _, grads = _operands(shape)
     _, _, attn = seat_forward(q, gamma, w, bias, save_attn=True)
     spec = seat_plan.device_spec(q.device)
     chosen = seat_plan.grad_plan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype, spec)
@@ -134,23 +135,22 @@ def sweep_caps(shape, deadline: float, rows: list) -> None:
 
 
 def _loss_row(shape, ops, x, spec, chosen, bm, p2, t, cfg) -> dict:
-    """One fused-loss candidate timed (target x, hints (1, 1))."""
-    q, gamma, w, bias, _, _ = ops
+    """One fused-loss candidate timed (target x, hints (1, 1)); ops = (q rows, gamma, W, bias)."""
     block_p, block_pd, warps, stages = cfg
     plan = seat_plan.GradPlan(seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C, bm, p2,
                               min(p2, triton.cdiv(shape.P, 16) * 16), t)
     config = triton.Config({"BLOCK_P": block_p, "BLOCK_PD": min(block_pd, p2)}, num_warps=warps,
                            num_stages=stages)
-    iters = triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)
+    iters = triton.cdiv(plan.items, t)
     row = {"kind": "loss", "block_m": bm, "block_p2": p2, "k": plan.k, "t": t, "block_p": block_p,
            "block_pd": block_pd, "warps": warps, "stages": stages, "ctas": plan.ctas, "iters_per_cta": iters}
     try:
         def run():
-            return seat_fused_loss(q, gamma, w, bias, x, False, 1.0, 1.0, plan=plan, config=config)
+            return seat_fused_loss(*ops, x, False, 1.0, 1.0, plan=plan, config=config)
         run()
         row["ms"] = _time(run)
         row["us_per_iter"] = 1e3 * row["ms"] / iters
-        row["modeled_ms"] = sum(x.modeled_ms for x in traffic.grad_launches(plan, q.dtype, spec))
+        row["modeled_ms"] = sum(launch.modeled_ms for launch in traffic.grad_launches(plan, shape.dtype, spec))
     except Exception as exc:  # a candidate that does not compile here is a row, not a stop
         row["error"] = error_line(exc)
     tuned = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_PD"], c.num_warps, c.num_stages)
@@ -160,19 +160,19 @@ def _loss_row(shape, ops, x, spec, chosen, bm, p2, t, cfg) -> dict:
     return row
 
 
-def _two_pass_row(shape, ops, spec) -> dict:
+def _two_pass_row(shape, ops, grads, spec) -> dict:
     """The launcher's other design at the same shape: the forward saving the attention, then the
     gradient kernel from it (the losses' own small ops aside), as planned and autotuned."""
-    q, gamma, w, bias, _, (g1, g2) = ops
+    g1, g2 = grads
     row = {"kind": "loss_two_pass"}
     try:
         def run():
-            _, _, attn = seat_forward(q, gamma, w, bias, save_attn=True)
-            return launch_grad(seat_plan.MODE_GRADS, q, gamma, w, bias, attn=attn, grad_rec_q=g1, grad_rec_t=g2)
+            _, _, attn = seat_forward(*ops, save_attn=True)
+            return launch_grad(seat_plan.MODE_GRADS, *ops, attn=attn, grad_rec_q=g1, grad_rec_t=g2)
         run()
         row["ms"] = _time(run)
-        row["modeled_ms"] = traffic.op_traffic("fused_loss", shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype,
-                                               gpu=spec, design="two_pass").modeled_ms
+        row["modeled_ms"] = traffic.op_traffic("fused_loss", shape.B, shape.M, shape.P, shape.N, shape.C,
+                                               shape.dtype, gpu=spec, design="two_pass").modeled_ms
     except Exception as exc:
         row["error"] = error_line(exc)
     print(json.dumps(row), flush=True)
@@ -180,15 +180,13 @@ def _two_pass_row(shape, ops, spec) -> dict:
 
 
 def sweep_loss(shape, deadline: float, rows: list) -> None:
-    """The fused loss's tiles and configs (LOSS_TILES, LOSS_CONFIGS), the planner's first, one
-    CTA per SM and twice that; then the two-pass design once."""
-    q, gamma, w, bias, grads = _operands(shape)
-    x = as_rows(make_inputs(shape, DEVICE)[4])
-    ops = (q, gamma, w, bias, None, grads)
-    spec = seat_plan.device_spec(q.device)
-    chosen = seat_plan.grad_plan(seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C, q.dtype,
-                                 spec)
-    rows.append(_two_pass_row(shape, ops, spec))
+    """The two-pass design once, then the fused loss's tiles and configs (LOSS_TILES,
+    LOSS_CONFIGS), the planner's tile first, with one CTA per SM and twice that."""
+    *ops, x, grads = _operands(shape)
+    spec = seat_plan.device_spec(x.device)
+    chosen = seat_plan.grad_plan(seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C,
+                                 shape.dtype, spec)
+    rows.append(_two_pass_row(shape, ops, grads, spec))
     for bm, p2 in sorted(LOSS_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
         base = max(1, spec.sms // triton.cdiv(shape.P, p2))
         for cfg in LOSS_CONFIGS:
@@ -199,7 +197,7 @@ def sweep_loss(shape, deadline: float, rows: list) -> None:
 
 
 def sweep_forward(shape, deadline: float, rows: list) -> None:
-    q, gamma, w, bias, _ = _operands(shape)
+    q, gamma, w, bias, _, _ = _operands(shape)
     for bm, bp, warps, stages in FORWARD:
         if time.monotonic() > deadline:
             return

@@ -134,12 +134,25 @@ def ctas_per_sm(kind: str, bn: int) -> int:
     return max(resident_ctas(t[-2]) for t in GRAD_TUNE[kind][bucket(bn)])
 
 
+def dw_rows(mode: int) -> int:
+    """dW partials per slot: the whole dW; in the fused loss with target rec_q also its
+    rec-loss part. With target x the rec loss alone reaches W, so the kernel sums u^T q and
+    the host scales it by h_rec (seat_grad_kernel's U_SUMS)."""
+    return 2 if mode == MODE_LOSS_REC_Q else 1
+
+
+def packs_dw(mode: int, N: int, C: int) -> bool:
+    """dW rides in dGamma's padding columns (seat_grad_kernel's PACK_W): where they fit, up
+    to BLOCK_N = 64. Above it the compile report showed no gain (N = 100: 220 B of spills
+    packed against 132 unpacked with 8 warps on sm90)."""
+    return N + dw_rows(mode) * C <= common.block_n(N) <= 64
+
+
 def wide_loss(mode: int, N: int, C: int) -> bool:
     """Whether the fused loss runs the wide tile (WIDE_LOSS_TILE): target x, with accumulators
     of at most 32 columns (dGamma's BLOCK_N, plus 16 for dW unless it rides in the padding)."""
-    bn = common.block_n(N)
-    packs = N + C <= bn <= 64  # GradPlan.packs_w with one dW row set (U_SUMS)
-    return mode == MODE_LOSS_IMAGE and bn + (0 if packs else common.BLOCK_C) <= 32
+    extra = 0 if packs_dw(mode, N, C) else common.BLOCK_C
+    return mode == MODE_LOSS_IMAGE and common.block_n(N) + extra <= 32
 
 
 def grad_tiles(mode: int, N: int, C: int, sm80: bool = True) -> list[tuple[int, int]]:
@@ -221,17 +234,11 @@ class GradPlan:
 
     @property
     def w_rows(self) -> int:
-        """dW partials per slot: the whole dW; in the fused loss with target rec_q also its
-        rec-loss part. With target x the rec loss alone reaches W, so the kernel sums u^T q and
-        the host scales it by h_rec (seat_grad_kernel's U_SUMS)."""
-        return 2 if self.mode == MODE_LOSS_REC_Q else 1
+        return dw_rows(self.mode)
 
     @property
     def packs_w(self) -> bool:
-        """dW rides in dGamma's padding columns (seat_grad_kernel's PACK_W): where they fit, up
-        to BLOCK_N = 64. Above it the compile report showed no gain (N = 100: 220 B of spills
-        packed against 132 unpacked with 8 warps on sm90)."""
-        return self.N + self.w_rows * self.C <= self.block_n <= 64
+        return packs_dw(self.mode, self.N, self.C)
 
     @property
     def slots(self) -> int:
