@@ -45,8 +45,9 @@ WARPS_STAGES = [(8, 2), (4, 2), (8, 3), (4, 3)]
 # 128 (four per SM) the split BatchNorm backward's dq pass fits every tile tried on sm90.
 REG_CAPS = [(64, 64, 168), (64, 64, 128), (64, 128, 168), (32, 128, 168), (32, 64, 128)]
 # The fused loss: (BLOCK_M, BLOCK_P2) tiles and (BLOCK_P, BLOCK_PD, warps, stages) configs.
-# 64 x 256 with (64, 32, 8, 1) is what the planner runs (spill-free on sm80 and sm90); the
-# others spill a little (4-476 B per thread offline) or re-read each Q row block more often.
+# The planner runs 32 x 512 with (32, 32, 8, 1) where every 512-wide range is full (P = 1024),
+# else 64 x 256 with (64, 32, 8, 1) (seat_plan.WIDE_LOSS_TILES; spill-free on sm80 and sm90);
+# the others spill a little (4-476 B per thread offline) or re-read each Q row block more often.
 LOSS_TILES = [(64, 256), (32, 512), (64, 128), (32, 256), (32, 64), (16, 512)]
 LOSS_CONFIGS = [(64, 32, 8, 1), (64, 64, 8, 2), (32, 32, 8, 1), (64, 16, 8, 1)]
 FORWARD = [(128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4),
@@ -189,7 +190,8 @@ def sweep_loss(shape, deadline: float, rows: list) -> None:
     rows.append(_two_pass_row(shape, ops, grads, spec))
     for bm, p2 in sorted(LOSS_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
         base = max(1, spec.sms // triton.cdiv(shape.P, p2))
-        for cfg in LOSS_CONFIGS:
+        # The planner's config for a tile first, as its tile comes first.
+        for cfg in sorted(LOSS_CONFIGS, key=lambda c: c != seat_plan.WIDE_LOSS_TILES.get((bm, p2))):
             for t in (base, 2 * base):
                 if time.monotonic() > deadline:
                     return

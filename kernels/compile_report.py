@@ -115,8 +115,12 @@ def _launches(kind: str, dtype: torch.dtype, n: int, arch: int = 90) -> list[_La
         mode = seat_plan.MODE_LOSS_REC_Q if kind == "loss_rec_q" else seat_plan.MODE_LOSS_IMAGE
         spec = seat_plan.device_spec(q.device)
         for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80):  # every tile the planner may pick there
-            plan = seat_plan.grad_plan(mode, b, m, p, n, c, dtype, spec, block_m=bm, block_p2=p2, interpreter=False)
-            seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_rec_q", 1.0, 1.0,
+            # A wide range is planned only where every range is full (EVEN_P): compiled so.
+            pt = p2 if seat_plan.wide_range(bm, p2) else p
+            qt, gt, wt = (torch.randn(*t.shape[:-1], pt, generator=gen).to(t.dtype) for t in (q, gamma, weight))
+            plan = seat_plan.grad_plan(mode, b, m, pt, n, c, dtype, spec, block_m=bm, block_p2=p2,
+                                       p_range=p2 if pt == p2 else None, interpreter=False)
+            seat_fused_loss.seat_fused_loss(qt, gt, wt, bias, x, kind == "loss_rec_q", 1.0, 1.0,
                                             launch=launch, plan=plan)
     elif kind == "rescale":
         u = torch.randn(b, m, c, generator=gen, dtype=master)
@@ -206,6 +210,10 @@ def compile_kind(
             warps = warps or launch_warps
             stages = stages or launch_stages
             constexprs = {**kwargs, **cfg_kwargs}
+            if "WIDE_RANGE" in constexprs:  # follows the tile, as in the plan (a candidate may change it)
+                from san_fast.kernels import seat_plan
+
+                constexprs["WIDE_RANGE"] = seat_plan.wide_range(constexprs["BLOCK_M"], constexprs["BLOCK_P2"])
             tiles = [k for k in ("BLOCK_M", "BLOCK_P", "BLOCK_P2", "BLOCK_PD") if k in constexprs and autotuned]
             label = ",".join(f"{k[6:]}={constexprs[k]}" for k in tiles)
             label = f"{label + ',' if label else ''}w={warps},s={stages}" + (f",r={maxnreg}" if maxnreg else "")

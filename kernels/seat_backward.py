@@ -31,8 +31,9 @@ import triton
 import triton.language as tl
 from san_fast.kernels import seat_common as common
 from san_fast.kernels import seat_plan
-from san_fast.kernels.seat_forward import mm, tile_offsets, values_matrix
-from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_values_grad, saved_rows, store_partials,
+from san_fast.kernels.seat_forward import values_matrix
+from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_values_grad, range_sums, row_halves,
+                                             range_columns_ok, saved_rows, store_partials,
                                              values_grad)
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
@@ -55,7 +56,7 @@ def seat_grad_kernel(
     ACC: tl.constexpr, OFFS64: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr, PASS: tl.constexpr = 0, PACK_W: tl.constexpr = False,
-    W_ROWS: tl.constexpr = 1,
+    W_ROWS: tl.constexpr = 1, EVEN_P: tl.constexpr = False, WIDE_RANGE: tl.constexpr = False,
 ):
     """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
     gt_ptr: grad of rec_t (MODE_GRADS only). With LOGIT_BIAS the logits carry lb (B,N) and the
@@ -74,7 +75,12 @@ def seat_grad_kernel(
     W_ROWS (GradPlan.w_rows): dW partial sums per slot. 2 in MODE_LOSS_REC_Q: the whole dW and
     its rec-loss part u^T q. 1 elsewhere; in MODE_LOSS_IMAGE (U_SUMS) gq = h_rec u, so the
     kernel sums u^T q alone, the host takes dW = h_rec u^T q, and dq's W term gets h_rec here:
-    at N <= 32 - C the u columns then fit dl's padding (PACK_W)."""
+    at N <= 32 - C the u columns then fit dl's padding (PACK_W).
+
+    EVEN_P (GradPlan.even_p): every range is full and as wide as its tile, so no column mask.
+    WIDE_RANGE (GradPlan.wide_range): step 2 loads its Q tile and runs its dots in two halves of
+    the rows, and dq's sub-tiles run in a loop: what lets a 512-wide range's accumulators fit
+    255 registers (seat_plan.WIDE_RANGE_P2)."""
     j = tl.program_id(0)
     c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
@@ -91,7 +97,7 @@ def seat_grad_kernel(
     ms = tl.arange(0, BLOCK_M)
     p_lo = j * P_RANGE
     p2 = tl.arange(0, BLOCK_P2)
-    p2_ok = (p2 < P_RANGE) & (p_lo + p2 < P)
+    p2_ok = range_columns_ok(p2, p_lo, P_RANGE, P, EVEN_P)
     pd = tl.arange(0, BLOCK_PD)
     q_dtype = q_ptr.dtype.element_ty
     U_SUMS: tl.constexpr = (MODE == 1) & (W_ROWS == 1)
@@ -149,19 +155,25 @@ def seat_grad_kernel(
         else:
             dl_dq, gu_dq = dl_lp, gu_lp
 
-        if PASS != PASS_DQ_AFFINE:
-            # Step 2, range j: the last read of this Q tile (evict_first).
-            q2_offs = tile_offsets(rows, p_lo + p2, stride_qm, stride_qp, OFFS64)
-            q2 = tl.load(q_img + q2_offs, mask=rows_ok[:, None] & p2_ok[None, :], other=0.0,
-                         eviction_policy="evict_first")
-            q2_t = tl.trans(q2)
-            acc_g = mm(q2_t, dl_lp, acc_g, PRECISION)
-            if not PACK_W:
-                acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
+        if PASS != PASS_DQ_AFFINE:  # step 2, range j
+            if WIDE_RANGE:
+                HALF_M: tl.constexpr = BLOCK_M // 2
+                dl_a, dl_b = row_halves(dl_lp, BLOCK_M, BLOCK_N)
+                gu_a, gu_b = row_halves(gu_lp, BLOCK_M, BLOCK_C)
+                rows_a = rb * BLOCK_M + tl.arange(0, HALF_M)
+                acc_g, acc_w = range_sums(q_img, rows_a, rows_a < M, p_lo + p2, p2_ok, dl_a, gu_a, acc_g, acc_w,
+                                          stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
+                rows_b = rows_a + HALF_M
+                acc_g, acc_w = range_sums(q_img, rows_b, rows_b < M, p_lo + p2, p2_ok, dl_b, gu_b, acc_g, acc_w,
+                                          stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
+            else:
+                acc_g, acc_w = range_sums(q_img, rows, rows_ok, p_lo + p2, p2_ok, dl_lp, gu_lp, acc_g, acc_w,
+                                          stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
         if PASS != PASS_SUMS:
             dq_rows(q_img, dq_ptr + b * stride_dqb, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_dq, gu_dq, grad_scale,
                     b, rows, rows_ok, ns, n_ok, cs, c_ok, pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp, stride_dqm,
-                    stride_dqp, PASS == PASS_DQ_AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD)
+                    stride_dqp, PASS == PASS_DQ_AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD,
+                    EVEN_P, WIDE_RANGE)
 
         if PASS != PASS_DQ_AFFINE:
             if (rb == n_rb - 1) | (it == end - 1):
@@ -300,7 +312,7 @@ def launch_grad(
             MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
             BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass,
-            PACK_W=plan.packs_w, W_ROWS=plan.w_rows, **meta,
+            PACK_W=plan.packs_w, W_ROWS=plan.w_rows, EVEN_P=plan.even_p, WIDE_RANGE=plan.wide_range, **meta,
         )
         if grad_pass == PASS_DQ_AFFINE.value:
             return dq, None, None, None, None, None, None, None

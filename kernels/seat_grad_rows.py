@@ -106,6 +106,26 @@ def saved_rows(attn_img, ga_img, gt_img, rows, rows_ok, ns, n_ok, cs, c_ok, N, s
 
 
 @triton.jit
+def range_sums(q_img, rows, rows_ok, cols, cols_ok, dl_lp, gu_lp, acc_g, acc_w, stride_qm, stride_qp,
+               PACK_W: tl.constexpr, PRECISION: tl.constexpr, OFFS64: tl.constexpr):
+    """Step 2's sums over a set of rows: acc_g += q^T dl, and acc_w += q^T gu unless dW rides
+    in dl's padding (PACK_W). The last read of this Q tile (evict_first)."""
+    q2 = tl.load(q_img + tile_offsets(rows, cols, stride_qm, stride_qp, OFFS64),
+                 mask=rows_ok[:, None] & cols_ok[None, :], other=0.0, eviction_policy="evict_first")
+    q2_t = tl.trans(q2)
+    acc_g = mm(q2_t, dl_lp, acc_g, PRECISION)
+    if not PACK_W:
+        acc_w = mm(q2_t, gu_lp, acc_w, PRECISION)
+    return acc_g, acc_w
+
+
+@triton.jit
+def row_halves(x, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+    """Rows [0, BLOCK_M / 2) and [BLOCK_M / 2, BLOCK_M) of a (BLOCK_M, WIDTH) tile."""
+    return tl.split(tl.permute(tl.reshape(x, (2, BLOCK_M // 2, WIDTH)), (1, 2, 0)))
+
+
+@triton.jit
 def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns, n_ok, cs, c_ok, w_rows, chan_ok,
                    with_s, N, P, C, W_ROWS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PACK_W: tl.constexpr):
     """A run's partial sums for one image into its slot: dGamma (N x P), dW rows, and S (N x C,
@@ -130,34 +150,66 @@ def store_partials(slot_ptr, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, n
 def dq_rows(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows, rows_ok, ns,
             n_ok, cs, c_ok, pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp, stride_dqm, stride_dqp,
             AFFINE: tl.constexpr, PACK_W: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-            OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_PD: tl.constexpr):
+            OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr, BLOCK_PD: tl.constexpr,
+            EVEN_P: tl.constexpr = False, WIDE_RANGE: tl.constexpr = False):
     """dq = dl Gamma + gq W of a row block over range j, in BLOCK_PD-wide sub-tiles; AFFINE adds
     alpha + beta q per channel (q re-read per sub-tile: this pass loads no whole Q tile). With
-    PACK_W dl carries gq in columns [N, N + C) and W's rows go under Gamma's: one dot."""
-    for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
-            cols = s * BLOCK_PD + pd
-            cols_ok = (cols < P_RANGE) & (p_lo + cols < P)
-            g = tl.load(gamma_ptr + tile_offsets(b * N + ns, p_lo + cols, P, 1, OFFS64),
-                        mask=n_ok[:, None] & cols_ok[None, :], other=0.0)
-            if PACK_W:
-                # Rows [N, N + C) of the operand are W's; the u columns (fused modes) meet zeros.
-                w_row = tl.where(ns >= N, ns - N, 0)
-                w_ok = (ns >= N) & (ns < N + C)
-                g += tl.load(w_ptr + p_lo + w_row[:, None] * P + cols[None, :], mask=w_ok[:, None] & cols_ok[None, :],
-                             other=0.0)
-                dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION) * grad_scale
-            else:
-                # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
-                w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :],
-                            other=0.0)
-                dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
-                dq = mm(gu_lp, w, dq, PRECISION) * grad_scale
-            ok = rows_ok[:, None] & cols_ok[None, :]
-            if AFFINE:
-                q = tl.load(q_img + tile_offsets(rows, p_lo + cols, stride_qm, stride_qp, OFFS64), mask=ok, other=0.0,
-                            eviction_policy="evict_first")
-                alpha = tl.load(alpha_ptr + p_lo + cols, mask=cols_ok, other=0.0)
-                beta = tl.load(beta_ptr + p_lo + cols, mask=cols_ok, other=0.0)
-                dq += alpha[None, :] + beta[None, :] * q.to(ACC)
-            dq_offs = tile_offsets(rows, p_lo + cols, stride_dqm, stride_dqp, OFFS64)
-            tl.store(dq_img + dq_offs, dq.to(dq_img.dtype.element_ty), mask=ok, eviction_policy="evict_first")
+    PACK_W dl carries gq in columns [N, N + C) and W's rows go under Gamma's: one dot.
+
+    Unrolled, except in a WIDE_RANGE: there the compiler hoisted every unrolled sub-tile's W
+    pointers and masks (loop-invariant) out of the persistent loop, which a 512-wide range's
+    accumulators leave no registers for."""
+    if WIDE_RANGE:
+        for s in range(BLOCK_P2 // BLOCK_PD):
+            dq_subtile(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows,
+                       rows_ok, ns, n_ok, cs, c_ok, s * BLOCK_PD + pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp,
+                       stride_dqm, stride_dqp, AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_PD, EVEN_P)
+    else:
+        for s in tl.static_range(BLOCK_P2 // BLOCK_PD):
+            dq_subtile(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows,
+                       rows_ok, ns, n_ok, cs, c_ok, s * BLOCK_PD + pd, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp,
+                       stride_dqm, stride_dqp, AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_PD, EVEN_P)
+
+
+@triton.jit
+def dq_subtile(q_img, dq_img, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_lp, gu_lp, grad_scale, b, rows, rows_ok, ns,
+               n_ok, cs, c_ok, cols, p_lo, N, C, P, P_RANGE, stride_qm, stride_qp, stride_dqm, stride_dqp,
+               AFFINE: tl.constexpr, PACK_W: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+               OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_PD: tl.constexpr, EVEN_P: tl.constexpr):
+    """One BLOCK_PD-wide sub-tile of dq_rows: columns p_lo + cols."""
+    cols_ok = range_columns_ok(cols, p_lo, P_RANGE, P, EVEN_P)
+    g = tl.load(gamma_ptr + tile_offsets(b * N + ns, p_lo + cols, P, 1, OFFS64),
+                mask=n_ok[:, None] & cols_ok[None, :], other=0.0)
+    if PACK_W:
+        # Rows [N, N + C) of the operand are W's; the u columns (fused modes) meet zeros.
+        w_row = tl.where(ns >= N, ns - N, 0)
+        w_ok = (ns >= N) & (ns < N + C)
+        g += tl.load(w_ptr + p_lo + w_row[:, None] * P + cols[None, :], mask=w_ok[:, None] & cols_ok[None, :],
+                     other=0.0)
+        dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION) * grad_scale
+    else:
+        # W in rows [0, C) only: gu @ w is gq W; the u half meets zeros.
+        w = tl.load(w_ptr + p_lo + cs[:, None] * P + cols[None, :], mask=c_ok[:, None] & cols_ok[None, :],
+                    other=0.0)
+        dq = mm(dl_lp, g, tl.zeros((BLOCK_M, BLOCK_PD), ACC), PRECISION)
+        dq = mm(gu_lp, w, dq, PRECISION) * grad_scale
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    if AFFINE:
+        q = tl.load(q_img + tile_offsets(rows, p_lo + cols, stride_qm, stride_qp, OFFS64), mask=ok, other=0.0,
+                    eviction_policy="evict_first")
+        alpha = tl.load(alpha_ptr + p_lo + cols, mask=cols_ok, other=0.0)
+        beta = tl.load(beta_ptr + p_lo + cols, mask=cols_ok, other=0.0)
+        dq += alpha[None, :] + beta[None, :] * q.to(ACC)
+    dq_offs = tile_offsets(rows, p_lo + cols, stride_dqm, stride_dqp, OFFS64)
+    tl.store(dq_img + dq_offs, dq.to(dq_img.dtype.element_ty), mask=ok, eviction_policy="evict_first")
+
+
+@triton.jit
+def range_columns_ok(cols, p_lo, P_RANGE, P, EVEN_P: tl.constexpr):
+    """Columns cols of range [p_lo, p_lo + P_RANGE) that exist. EVEN_P (every range full and as
+    wide as its tile): all of them, a constant the compiler drops from every mask."""
+    if EVEN_P:
+        ok = cols >= 0
+    else:
+        ok = (cols < P_RANGE) & (p_lo + cols < P)
+    return ok

@@ -75,13 +75,19 @@ GRAD_TUNE = {
              128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
 }
 # The fused loss with target x where its accumulators take at most 32 columns (dW packed into
-# dGamma's padding, seat_grad_kernel's U_SUMS: N + C <= 32; or BLOCK_N = 16): a 64 x 256 tile,
-# K = 4 at P = 1024 instead of 16, a quarter of the 32 x 64 tile's re-reads of each Q row block
-# through L2; the planner weighs it against the 32 x 64 tile. Its one config compiles without
-# spills for bf16 on sm90 and sm80 under triton 3.6 and 3.9 (compile_report.py; BLOCK_PD = 64 or
-# two stages spill 4-8 B on one of them). Not on sm70, where it spills 14 KB (fp16).
-WIDE_LOSS_TILE = (64, 256)
-WIDE_LOSS_TUNE = (64, 32, 8, 1)
+# dGamma's padding, seat_grad_kernel's U_SUMS: N + C <= 32; or BLOCK_N = 16): wide tiles, each
+# with its one config (BLOCK_P, BLOCK_PD, warps, stages). At P = 1024 the 32 x 512 tile runs K = 2
+# ranges and the 64 x 256 tile K = 4, instead of 16: an eighth (a quarter) of the 32 x 64 tile's
+# re-reads of each Q row block through L2; the planner weighs them against it. Spill-free for
+# bf16 and fp16 on sm90 and sm80 under triton 3.6 and 3.9 (compile_report.py; the 32 x 512 tile
+# as it is planned, WIDE_RANGE with EVEN_P). Not on sm70, where the 64 x 256 tile spills 14 KB.
+WIDE_LOSS_TILES = {(32, 512): (32, 32, 8, 1), (64, 256): (64, 32, 8, 1)}
+WIDE_LOSS_P2 = {p2: tune for (_, p2), tune in WIDE_LOSS_TILES.items()}
+# Ranges at least this wide run seat_grad_kernel's WIDE_RANGE code (step 2 in two halves of the
+# row block, dq's sub-tiles in a loop) and are planned only where every range is full
+# (EVEN_P, no column masks): with the 512 x 32 accumulators, anything else spilled 4-300 B on
+# sm80 or sm90 in every config tried (compile_report.py, triton 3.6 and 3.9).
+WIDE_RANGE_P2 = 512
 # The fused loss's kernel (its pass over whole Q rows plus the gradient's accumulators) fits in
 # 255 registers without spills on sm80 and sm90 only up to this padded N: above it the launcher
 # runs two_pass (loss_design); design="fused" still runs it there (kernels/README.md).
@@ -149,18 +155,24 @@ def packs_dw(mode: int, N: int, C: int) -> bool:
 
 
 def wide_loss(mode: int, N: int, C: int) -> bool:
-    """Whether the fused loss runs the wide tile (WIDE_LOSS_TILE): target x, with accumulators
+    """Whether the fused loss runs a wide tile (WIDE_LOSS_TILES): target x, with accumulators
     of at most 32 columns (dGamma's BLOCK_N, plus 16 for dW unless it rides in the padding)."""
     extra = 0 if packs_dw(mode, N, C) else common.BLOCK_C
     return mode == MODE_LOSS_IMAGE and common.block_n(N) + extra <= 32
+
+
+def wide_range(block_m: int, block_p2: int) -> bool:
+    """seat_grad_kernel's WIDE_RANGE for a tile (WIDE_RANGE_P2); each half of its step 2 has a
+    dot over BLOCK_M / 2 >= 16 rows."""
+    return block_p2 >= WIDE_RANGE_P2 and block_m >= 32
 
 
 def grad_tiles(mode: int, N: int, C: int, sm80: bool = True) -> list[tuple[int, int]]:
     """(BLOCK_M, BLOCK_P2) tiles the planner chooses among (outside the interpreter); `sm80`:
     the GPU is sm80 or newer (GPUSpec.bf16)."""
     tiles = GRAD_TILES[grad_kind(mode)][bucket(common.block_n(N))]
-    # Both: at small P the wide tile's range is mostly padding, and the model says so.
-    return [WIDE_LOSS_TILE] + tiles if sm80 and wide_loss(mode, N, C) else tiles
+    # All of them: at small P a wide tile's range is mostly padding, and the model says so.
+    return list(WIDE_LOSS_TILES) + tiles if sm80 and wide_loss(mode, N, C) else tiles
 
 
 def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None) -> list:
@@ -168,8 +180,8 @@ def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] 
     kind = grad_kind(mode)
     if _interp(interpreter):
         tunes = [INTERPRETER_TUNE[kind]]
-    elif kind == "loss" and block_p2 == WIDE_LOSS_TILE[1]:
-        tunes = [WIDE_LOSS_TUNE]
+    elif kind == "loss" and block_p2 in WIDE_LOSS_P2:
+        tunes = [WIDE_LOSS_P2[block_p2]]
     else:
         tunes = GRAD_TUNE[kind][bucket(bn)]
     out, seen = [], set()
@@ -241,6 +253,15 @@ class GradPlan:
         return packs_dw(self.mode, self.N, self.C)
 
     @property
+    def wide_range(self) -> bool:
+        return wide_range(self.block_m, self.block_p2)
+
+    @property
+    def even_p(self) -> bool:
+        """Every range full and as wide as the tile (seat_grad_kernel's EVEN_P)."""
+        return self.p_range == self.block_p2 and self.P % self.p_range == 0
+
+    @property
     def slots(self) -> int:
         return self.ctas_per_range + self.B - 1
 
@@ -291,6 +312,8 @@ def grad_plan_candidates(
         if p_range is not None and block_p2 is None:
             p2 = max(16, triton.next_power_of_2(p_range))
         widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms)
+        if wide_range(bm, p2) and block_p2 is None:  # planned only where every range is full
+            widths = [w for w in widths if w == p2 and P % p2 == 0]
         for width in widths:
             k = triton.cdiv(P, width)
             items = B * triton.cdiv(M, bm)

@@ -244,15 +244,28 @@ def test_awkward_shapes(mode, name, dtype):
     run_grad(mode, n, (32, 64), cfg, dtype, shape=AWKWARD[name], seed=hash(name) % 997)
 
 
+# (tile, P, range): ragged ranges (a full one and a short last one), then the 512-wide tile as
+# the planner runs it, every range full (EVEN_P: no column masks).
+WIDE_CASES = {"64x256 ragged": ((64, 256), 300, 256), "32x512 ragged": ((32, 512), 700, 512),
+              "32x512 even": ((32, 512), 1024, 512)}
+
+
 @pytest.mark.parametrize("hints", [(0.7, 1.3), (0.0, 1.3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_wide_loss_tile_on_ragged_shapes(dtype, hints):
-    """The fused loss's 64 x 256 tile (target x, dW packed): P = 300 in a full and a ragged
-    44-column range, M = 150 ragged, T = 3 runs across two images; h_rec = 0 (no rec loss in the
-    hint) still gives the rec loss's dW, from u^T q."""
-    shape = dict(B=2, M=150, P=300, C=3, runs=3, p_range=256)
-    cfg = seat_plan.grad_configs(MODE_LOSS_IMAGE, 32, seat_plan.WIDE_LOSS_TILE[1], interpreter=False)[0]
-    run_grad(MODE_LOSS_IMAGE, 27, seat_plan.WIDE_LOSS_TILE, cfg, dtype, shape=shape, seed=300, hints=hints)
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_wide_loss_tiles(case, dtype, hints):
+    """The fused loss's wide tiles (target x, dW packed), each with its own config: M = 150
+    ragged, T = 3 runs across two images; the 512-wide one runs step 2 in row halves and dq's
+    sub-tiles in a loop (WIDE_RANGE). h_rec = 0 (no rec loss in the hint) still gives the rec
+    loss's dW, from u^T q."""
+    tile, p, width = WIDE_CASES[case]
+    shape = dict(B=2, M=150, P=p, C=3, runs=3, p_range=width)
+    plan = seat_plan.grad_plan(MODE_LOSS_IMAGE, 2, 150, p, 27, 3, dtype, H100, block_m=tile[0], block_p2=tile[1],
+                               p_range=width, ctas_per_range=3, interpreter=False)
+    assert (plan.even_p, plan.wide_range) == (case.endswith("even"), tile[1] == 512), plan
+    cfg = seat_plan.grad_configs(MODE_LOSS_IMAGE, 32, tile[1], interpreter=False)[0]
+    assert cfg.kwargs["BLOCK_P"] == seat_plan.WIDE_LOSS_TILES[tile][0]
+    run_grad(MODE_LOSS_IMAGE, 27, tile, cfg, dtype, shape=shape, seed=300, hints=hints)
 
 
 @pytest.mark.parametrize("mode", [MODE_GRADS, MODE_LOSS_IMAGE])
