@@ -116,10 +116,11 @@ def _launches(kind: str, dtype: torch.dtype, n: int, arch: int = 90) -> list[_La
         spec = seat_plan.device_spec(q.device)
         for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80):  # every tile the planner may pick there
             # A wide range is planned only where every range is full (EVEN_P): compiled so.
-            pt = p2 if seat_plan.wide_range(bm, p2) else p
+            wide = seat_plan.wide_range(bm, p2)
+            pt = p2 if wide else p
             qt, gt, wt = (torch.randn(*t.shape[:-1], pt, generator=gen).to(t.dtype) for t in (q, gamma, weight))
             plan = seat_plan.grad_plan(mode, b, m, pt, n, c, dtype, spec, block_m=bm, block_p2=p2,
-                                       p_range=p2 if pt == p2 else None, interpreter=False)
+                                       p_range=p2 if wide else None, interpreter=False)
             seat_fused_loss.seat_fused_loss(qt, gt, wt, bias, x, kind == "loss_rec_q", 1.0, 1.0,
                                             launch=launch, plan=plan)
     elif kind == "rescale":

@@ -32,9 +32,8 @@ import triton.language as tl
 from san_fast.kernels import seat_common as common
 from san_fast.kernels import seat_plan
 from san_fast.kernels.seat_forward import values_matrix
-from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_values_grad, range_sums, row_halves,
-                                             range_columns_ok, saved_rows, store_partials,
-                                             values_grad)
+from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_values_grad, range_columns_ok,
+                                             range_sums, row_halves, saved_rows, store_partials, values_grad)
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
 PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -156,18 +155,19 @@ def seat_grad_kernel(
             dl_dq, gu_dq = dl_lp, gu_lp
 
         if PASS != PASS_DQ_AFFINE:  # step 2, range j
+            cols = p_lo + p2
             if WIDE_RANGE:
                 HALF_M: tl.constexpr = BLOCK_M // 2
                 dl_a, dl_b = row_halves(dl_lp, BLOCK_M, BLOCK_N)
                 gu_a, gu_b = row_halves(gu_lp, BLOCK_M, BLOCK_C)
                 rows_a = rb * BLOCK_M + tl.arange(0, HALF_M)
-                acc_g, acc_w = range_sums(q_img, rows_a, rows_a < M, p_lo + p2, p2_ok, dl_a, gu_a, acc_g, acc_w,
-                                          stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
                 rows_b = rows_a + HALF_M
-                acc_g, acc_w = range_sums(q_img, rows_b, rows_b < M, p_lo + p2, p2_ok, dl_b, gu_b, acc_g, acc_w,
+                acc_g, acc_w = range_sums(q_img, rows_a, rows_a < M, cols, p2_ok, dl_a, gu_a, acc_g, acc_w,
+                                          stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
+                acc_g, acc_w = range_sums(q_img, rows_b, rows_b < M, cols, p2_ok, dl_b, gu_b, acc_g, acc_w,
                                           stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
             else:
-                acc_g, acc_w = range_sums(q_img, rows, rows_ok, p_lo + p2, p2_ok, dl_lp, gu_lp, acc_g, acc_w,
+                acc_g, acc_w = range_sums(q_img, rows, rows_ok, cols, p2_ok, dl_lp, gu_lp, acc_g, acc_w,
                                           stride_qm, stride_qp, PACK_W, PRECISION, OFFS64)
         if PASS != PASS_SUMS:
             dq_rows(q_img, dq_ptr + b * stride_dqb, gamma_ptr, w_ptr, alpha_ptr, beta_ptr, dl_dq, gu_dq, grad_scale,

@@ -167,6 +167,11 @@ def wide_range(block_m: int, block_p2: int) -> bool:
     return block_p2 >= WIDE_RANGE_P2 and block_m >= 32
 
 
+def even_ranges(P: int, p_range: int, block_p2: int) -> bool:
+    """Every range full and as wide as the tile (seat_grad_kernel's EVEN_P)."""
+    return p_range == block_p2 and P % p_range == 0
+
+
 def grad_tiles(mode: int, N: int, C: int, sm80: bool = True) -> list[tuple[int, int]]:
     """(BLOCK_M, BLOCK_P2) tiles the planner chooses among (outside the interpreter); `sm80`:
     the GPU is sm80 or newer (GPUSpec.bf16)."""
@@ -258,8 +263,7 @@ class GradPlan:
 
     @property
     def even_p(self) -> bool:
-        """Every range full and as wide as the tile (seat_grad_kernel's EVEN_P)."""
-        return self.p_range == self.block_p2 and self.P % self.p_range == 0
+        return even_ranges(self.P, self.p_range, self.block_p2)
 
     @property
     def slots(self) -> int:
@@ -313,7 +317,7 @@ def grad_plan_candidates(
             p2 = max(16, triton.next_power_of_2(p_range))
         widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms)
         if wide_range(bm, p2) and block_p2 is None:  # planned only where every range is full
-            widths = [w for w in widths if w == p2 and P % p2 == 0]
+            widths = [w for w in widths if even_ranges(P, w, p2)]
         for width in widths:
             k = triton.cdiv(P, width)
             items = B * triton.cdiv(M, bm)
