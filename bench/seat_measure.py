@@ -1,11 +1,14 @@
 """SEAT + reconstruction, measured: the fused Triton op against PyTorch ways of computing the same
 thing, speed and memory, against the traffic model and the floor (issue 8, line 6).
 
-Variants: `triton` (san_fast.ops, impl="triton"), `eager` (the plain PyTorch reference),
-`fused` (paper and tiny shapes, mode `loss` only: impl="triton" with design="fused", the one-pass
-fused loss, whatever the launcher would pick there: the traffic model prefers two_pass at the
-paper shape by an assumed L2 rate that this row measures), `compiled` (torch.compile of the
-reference; GPU only), `sdpa` (Theta through
+Variants: `triton` (san_fast.ops, impl="triton"; in mode `loss` the design the launcher picks,
+seat_plan.loss_design, which the traffic model makes relay at most shapes, the paper shape
+included), `eager` (the plain PyTorch reference), `fused` and `relay` (paper and tiny shapes,
+mode `loss` only: impl="triton" with design="fused", the one-pass fused loss, or design="relay",
+whose producer CTAs hand the forward to the gradient CTAs, whatever the launcher would pick
+there: the model's choice among the designs rests on an assumed L2 rate that these rows, beside
+bench/seat_sweep.py's two-pass row, measure), `compiled` (torch.compile of the reference; GPU
+only), `sdpa` (Theta through
 F.scaled_dot_product_attention with gamma as key and value, then the 1x1 conv as a linear).
 Modes: `fwd`, `fwdbwd` (forward + backward of both reconstructions), `loss` (L_rec + L_con and
 their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax),
@@ -20,7 +23,7 @@ Per case: device time (san_fast's bench.timing: CUDA events, L2 flushed before e
 GPU's own work (torch.profiler) and the time of the case captured as a CUDA graph and replayed
 (what the host's launches cost, they no longer do: --compile's CUDA graphs run the op so); the
 floor (san_fast.kernels.traffic.floor_bytes: forward one read of Q; forward+backward two reads
-of Q and one write of dQ; fused loss one read and one write) and, for the Triton variant, the
+of Q and one write of dQ; fused loss one read and one write) and, for the Triton variants, the
 bytes the traffic model says its launches move; GB/s over each and the floor's GB/s as a
 fraction of the measured copy bandwidth; the peak memory the op allocates beyond its inputs
 and the dQ it must return, as a fraction of Q. Targets (H100, paper shape) beside those rows.
@@ -51,8 +54,9 @@ HOST_BOUND = 0.8  # GPU work under this share of the event time: the host sets t
 TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels",
               "bnloss": "fused_loss", "moments": None}
 MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss", "moments")
-VARIANTS = ("triton", "fused", "eager", "compiled", "sdpa", "fold", "stats")
-TRITON_VARIANTS = ("triton", "fused")  # the project's kernels: modeled bytes, targets, autotuned configs
+VARIANTS = ("triton", "fused", "relay", "eager", "compiled", "sdpa", "fold", "stats")
+TRITON_VARIANTS = ("triton", "fused", "relay")  # the project's kernels: modeled bytes, targets, autotuned configs
+FORCED_DESIGNS = ("fused", "relay")  # variants that run the fused loss's design of their name
 BN_EPS = 1e-5
 
 
@@ -91,7 +95,8 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
     if shape_name not in ("paper", "tiny"):
         return [(v, m) for v in ("triton", "eager") for m in ops_modes]
     out = [(v, m) for v in ("triton", "eager", "sdpa") for m in ops_modes if (v, m) != ("sdpa", "loss")]
-    out.insert(out.index(("triton", "loss")) + 1, ("fused", "loss"))
+    at = out.index(("triton", "loss")) + 1
+    out[at:at] = [(design, "loss") for design in FORCED_DESIGNS]
     out += [(v, "labels") for v in ("triton", "eager")] + [(v, "bnloss") for v in ("triton", "fold", "eager")]
     out += [(v, "moments") for v in ("triton", "stats", "eager") if v != "stats" or device.type == "cuda"]
     if device.type == "cuda":
@@ -137,8 +142,8 @@ def reconstruct_fn(variant: str):
 def loss_fn(variant: str):
     if variant == "triton":
         return functools.partial(ops.seat_reconstruct_loss, impl="triton")
-    if variant == "fused":
-        return functools.partial(ops.seat_reconstruct_loss, impl="triton", design="fused")
+    if variant in FORCED_DESIGNS:
+        return functools.partial(ops.seat_reconstruct_loss, impl="triton", design=variant)
     if variant == "compiled":
         return _compiled(ops.seat_reconstruct_loss_reference)
     return {"eager": ops.seat_reconstruct_loss_reference}[variant]
@@ -238,8 +243,8 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     floor = traffic.floor_bytes(op, s.B, s.M, s.P, s.N, s.C, s.dtype)
     modeled = None
     if variant in TRITON_VARIANTS:
-        if variant == "fused":
-            how = dict(design="fused")
+        if variant in FORCED_DESIGNS:
+            how = dict(design=variant)
         else:
             how = dict(folded=True, split_bn=True, design="two_pass") if mode == "bnloss" else {}
         modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **how).total_bytes
@@ -288,8 +293,8 @@ def autotuned_configs(mode: str) -> dict:
     except ImportError:
         return {}
     chosen = getattr(seat_common, "chosen_configs", None)
-    kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss",), "labels": ("forward",),
-             "bnloss": ("forward", "backward"), "moments": ()}
+    kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss", "relay"),
+             "labels": ("forward",), "bnloss": ("forward", "backward"), "moments": ()}
     return chosen(kinds[mode]) if chosen else {}
 
 

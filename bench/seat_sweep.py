@@ -9,15 +9,18 @@ range (one CTA per SM, and 2x, 4x that), num_warps and num_stages (and with --ki
 register cap per thread with the grid sized for the CTAs it lets share an SM); the row-block iterations
 each CTA runs and the microseconds per iteration, which is what the traffic model does not
 see (a CTA per SM runs its row blocks one after another). Forward candidates likewise. With
---kinds loss, the fused loss (target x) over its tiles and configs (BLOCK_P, BLOCK_PD, warps,
-stages), beside the two-pass design the launcher runs where the model prefers it: which of the
-two is faster at the paper shape rests on the model's assumed L2 rate until this measures it.
-GPU only: the interpreter's timings mean nothing.
+--kinds loss, the fused loss's three designs (target x) at one shape: the two-pass design once
+(kind loss_two_pass), the relay design over its tiles and configs (loss_relay: seat_plan's
+relay tables, each tile with the plan the planner makes for it, producers included), then the
+fused design over LOSS_TILES and LOSS_CONFIGS (loss: BLOCK_P, BLOCK_PD, warps, stages); which
+the launcher runs (seat_plan.loss_design) rests on the model's assumed L2 rate until this
+measures it. GPU only: the interpreter's timings mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -142,21 +145,45 @@ def _loss_row(shape, ops, x, spec, chosen, bm, p2, t, cfg) -> dict:
                               min(p2, triton.cdiv(shape.P, 16) * 16), t)
     config = triton.Config({"BLOCK_P": block_p, "BLOCK_PD": min(block_pd, p2)}, num_warps=warps,
                            num_stages=stages)
-    iters = triton.cdiv(plan.items, t)
     row = {"kind": "loss", "block_m": bm, "block_p2": p2, "k": plan.k, "t": t, "block_p": block_p,
-           "block_pd": block_pd, "warps": warps, "stages": stages, "ctas": plan.ctas, "iters_per_cta": iters}
+           "block_pd": block_pd, "warps": warps, "stages": stages, "ctas": plan.ctas,
+           "iters_per_cta": triton.cdiv(plan.items, t)}
+    _time_fused(row, ops, x, spec, plan, config)
+    tuned = [_config_key(c) for c in seat_plan.grad_configs(plan.mode, plan.block_n, p2)]
+    row["chosen_now"] = plan == chosen and (block_p, min(block_pd, p2), warps, stages) in tuned
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _config_key(config) -> tuple:
+    return config.kwargs["BLOCK_P"], config.kwargs["BLOCK_PD"], config.num_warps, config.num_stages
+
+
+def _time_fused(row: dict, ops, x, spec, plan, config) -> None:
+    """Fills `row` with seat_fused_loss's time as `plan` and `config` run it (ms, us per row
+    block of a gradient CTA, the model's ms), or with why it could not run."""
     try:
         def run():
             return seat_fused_loss(*ops, x, False, 1.0, 1.0, plan=plan, config=config)
         run()
         row["ms"] = _time(run)
-        row["us_per_iter"] = 1e3 * row["ms"] / iters
-        row["modeled_ms"] = sum(launch.modeled_ms for launch in traffic.grad_launches(plan, shape.dtype, spec))
+        row["us_per_iter"] = 1e3 * row["ms"] / row["iters_per_cta"]
+        row["modeled_ms"] = sum(launch.modeled_ms for launch in traffic.grad_launches(plan, ops[0].dtype, spec))
     except Exception as exc:  # a candidate that does not compile here is a row, not a stop
         row["error"] = error_line(exc)
-    tuned = [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_PD"], c.num_warps, c.num_stages)
-             for c in seat_plan.grad_configs(plan.mode, plan.block_n, p2)]
-    row["chosen_now"] = plan == chosen and (block_p, min(block_pd, p2), warps, stages) in tuned
+
+
+def _relay_row(ops, x, spec, chosen, plan, config) -> dict:
+    """One relay-design candidate timed (target x, hints (1, 1)): the plan's K gradient CTAs
+    and its producers per run, T runs."""
+    block_p, block_pd, warps, stages = _config_key(config)
+    t = plan.ctas_per_range
+    row = {"kind": "loss_relay", "block_m": plan.block_m, "block_p2": plan.block_p2, "k": plan.k,
+           "producers": plan.producers, "t": t, "block_p": block_p, "block_pd": block_pd, "warps": warps,
+           "stages": stages, "ctas": plan.ctas, "iters_per_cta": triton.cdiv(plan.items, t)}
+    _time_fused(row, ops, x, spec, plan, config)
+    tuned = [_config_key(c) for c in seat_plan.grad_configs(plan.mode, plan.block_n, plan.block_p2, relay=True)]
+    row["chosen_now"] = plan == chosen and _config_key(config) in tuned
     print(json.dumps(row), flush=True)
     return row
 
@@ -180,14 +207,45 @@ def _two_pass_row(shape, ops, grads, spec) -> dict:
     return row
 
 
+def relay_plans(shape, spec) -> tuple:
+    """(the planner's relay plan, the plans sweep_relay times)."""
+    dims = (seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C, shape.dtype, spec)
+    chosen = seat_plan.grad_plan(*dims, relay=True)
+    tiles = seat_plan.grad_tiles(seat_plan.MODE_LOSS_IMAGE, shape.N, shape.C, spec.bf16, relay=True)
+    plans = [seat_plan.grad_plan(*dims, block_m=bm, block_p2=p2, interpreter=False, relay=True)
+             for bm, p2 in sorted(tiles, key=lambda tile: tile != (chosen.block_m, chosen.block_p2))]
+    slots = spec.sms * seat_plan.ctas_per_sm("relay", chosen.block_n)
+    if chosen.producers < chosen.k:
+        plans.append(dataclasses.replace(chosen, producers=chosen.k, ctas_per_range=max(1, slots // (2 * chosen.k))))
+    return chosen, plans
+
+
+def sweep_relay(shape, ops, x, spec, deadline: float, rows: list) -> None:
+    """The relay design's tiles and configs as planned for a GPU (seat_plan's relay tables, a
+    handful), the planner's tile first, each tile with the range width, T and producers the
+    planner gives it; then the planner's plan with K producers per run instead of K / 2. The
+    producers alone read Q from HBM, on a third of the SMs: whether that many SMs keep enough
+    loads in flight to stream at the HBM rate is what the model (counting bytes, not loads in
+    flight) cannot say."""
+    chosen, plans = relay_plans(shape, spec)
+    for plan in plans:
+        for config in seat_plan.grad_configs(plan.mode, plan.block_n, plan.block_p2, interpreter=False, relay=True):
+            if time.monotonic() > deadline:
+                return
+            rows.append(_relay_row(ops, x, spec, chosen, plan, config))
+
+
 def sweep_loss(shape, deadline: float, rows: list) -> None:
-    """The two-pass design once, then the fused loss's tiles and configs (LOSS_TILES,
-    LOSS_CONFIGS), the planner's tile first, with one CTA per SM and twice that."""
+    """The two-pass design once, the relay design's candidates (sweep_relay), then the fused
+    loss's tiles and configs (LOSS_TILES, LOSS_CONFIGS), the planner's tile first, with one CTA
+    per SM and twice that. The relay rows come before the fused ones, which a short budget may
+    not get through: they are few, and the model's pick at most shapes."""
     *ops, x, grads = _operands(shape)
     spec = seat_plan.device_spec(x.device)
     chosen = seat_plan.grad_plan(seat_plan.MODE_LOSS_IMAGE, shape.B, shape.M, shape.P, shape.N, shape.C,
                                  shape.dtype, spec)
     rows.append(_two_pass_row(shape, ops, grads, spec))
+    sweep_relay(shape, ops, x, spec, deadline, rows)
     for bm, p2 in sorted(LOSS_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
         base = max(1, spec.sms // triton.cdiv(shape.P, p2))
         # The planner's config for a tile first, as its tile comes first.
@@ -246,7 +304,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--kinds", default="profile,grad,forward",
                    help="comma-separated: profile, grad, forward, caps (register-capped tiles, REG_CAPS), "
-                   "loss (the fused loss's tiles and configs, beside the two-pass design)")
+                   "loss (the fused loss's designs: two_pass once, the relay and fused designs' tiles "
+                   "and configs)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("seat_sweep: needs a CUDA GPU (interpreter timings mean nothing)")

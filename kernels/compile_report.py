@@ -35,7 +35,8 @@ import torch
 
 # Per-block shared memory limit (opt-in maximum) by compute capability.
 SHARED_LIMIT = {70: 96 * 1024, 75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-KINDS = ("forward", "labels", "backward", "backward_sums", "backward_dq_affine", "loss_image", "loss_rec_q", "rescale")
+KINDS = ("forward", "labels", "backward", "backward_sums", "backward_dq_affine", "loss_image", "loss_rec_q",
+         "loss_relay", "loss_relay_rec_q", "rescale")
 DTYPES = ("fp32", "fp16", "bf16")
 # fp64 (the gradcheck path) is compiled on request only.
 TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -58,8 +59,8 @@ class Row:
     fits: Optional[bool] = None
     seconds: float = 0.0
     error: str = ""
-    # False where no launcher picks this kernel on its own: the fused loss above
-    # seat_plan.FUSED_LOSS_MAX_BLOCK_N (two_pass runs there; design="fused" still can).
+    # False where no launcher picks this kernel on its own: the fused design above
+    # seat_plan.FUSED_LOSS_MAX_BLOCK_N (relay or two_pass run there; design="fused" still can).
     chosen: bool = True
 
 
@@ -122,6 +123,15 @@ def _launches(kind: str, dtype: torch.dtype, n: int, arch: int = 90) -> list[_La
             plan = seat_plan.grad_plan(mode, b, m, pt, n, c, dtype, spec, block_m=bm, block_p2=p2,
                                        p_range=p2 if wide else None, interpreter=False)
             seat_fused_loss.seat_fused_loss(qt, gt, wt, bias, x, kind == "loss_rec_q", 1.0, 1.0,
+                                            launch=launch, plan=plan)
+    elif kind in ("loss_relay", "loss_relay_rec_q"):
+        x = torch.randn(b, m, c, generator=gen, dtype=master)
+        mode = seat_plan.MODE_LOSS_REC_Q if kind == "loss_relay_rec_q" else seat_plan.MODE_LOSS_IMAGE
+        spec = seat_plan.device_spec(q.device)
+        for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80, relay=True):
+            plan = seat_plan.grad_plan(mode, b, m, p, n, c, dtype, spec, block_m=bm, block_p2=p2, interpreter=False,
+                                       relay=True)
+            seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_relay_rec_q", 1.0, 1.0,
                                             launch=launch, plan=plan)
     elif kind == "rescale":
         u = torch.randn(b, m, c, generator=gen, dtype=master)
@@ -238,7 +248,7 @@ def compile_kind(
 def _chosen(kind: str, n: int) -> bool:
     from san_fast.kernels import seat_plan
 
-    return not kind.startswith("loss_") or seat_plan.fused_loss_fits(n)
+    return kind not in ("loss_image", "loss_rec_q") or seat_plan.fused_loss_fits(n)
 
 
 def summarise(rows: list[Row]) -> tuple[list[str], bool]:
@@ -255,7 +265,7 @@ def summarise(rows: list[Row]) -> tuple[list[str], bool]:
         good = good and verdict == "ok"
         least = min(fitting, key=lambda r: (r.spill_bytes or 0, r.registers or 0), default=None)
         best = f"least spill {least.config} ({least.registers} regs, {least.spill_bytes} B)" if least else "-"
-        unused = "" if group[0].chosen else "  (not chosen: the launcher runs two_pass at this N)"
+        unused = "" if group[0].chosen else "  (not chosen: the launcher never runs the fused design at this N)"
         lines.append(
             f"{kind:11s} {kernel:22s} {dtype:5s} sm{arch} N={n:<4d} compiled {len(compiled)}/{len(group)}, "
             f"fit shared {len(fitting)}, spill-free {len(clean)}  {verdict}  {best}{unused}"

@@ -219,7 +219,8 @@ class SeatFoldedFunction(torch.autograd.Function):
 
 
 class SeatFusedLossFunction(torch.autograd.Function):
-    """(q rows, gamma, W, bias, x rows, target_rec_q, h_rec, h_con[, V, lb]) -> (L_rec, L_con, saved...).
+    """(q rows, gamma, W, bias, x rows, target_rec_q, h_rec, h_con[, V, lb, relay]) -> (L_rec, L_con, saved...).
+    `relay`: the relay design's launch (seat_plan.loss_design) instead of the fused one.
 
     With V (B,N,C) and lb (B,N) given (the BatchNorm fold) the op is SeatFoldedFunction's
     followed by the losses, and V and lb get their own gradients. Eager only (san_fast.ops
@@ -233,9 +234,9 @@ class SeatFusedLossFunction(torch.autograd.Function):
     the two-pass kernels (one more forward and backward over Q); the host counts the calls."""
 
     @staticmethod
-    def forward(q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=None, logit_bias=None):
+    def forward(q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=None, logit_bias=None, relay=False):
         rec_q, rec_t, dq, d_gamma, d_weight, d_weight_u, d_values, d_lb = seat_fused_loss(
-            q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=values, logit_bias=logit_bias,
+            q, gamma, weight, bias, x, target_rec_q, h_rec, h_con, values=values, logit_bias=logit_bias, relay=relay,
         )
         # The losses and the backward need only the residuals: formed in place in the kernel's own
         # (B,M,C) accumulation-dtype buffers and reduced by a norm, so neither makes a temporary
@@ -299,7 +300,7 @@ class SeatFusedLossFunction(torch.autograd.Function):
             dx = dx.to(x_dtype)
         d_values = (a * d_values_pre).to(values.dtype) if values is not None and needs[8] else None
         d_lb = (a * d_lb_pre).to(logit_bias.dtype) if logit_bias is not None and needs[9] else None
-        return dq, d_gamma, d_weight, d_bias, dx, None, None, None, d_values, d_lb
+        return dq, d_gamma, d_weight, d_bias, dx, None, None, None, d_values, d_lb, None
 
 
 def _exact_dq(q, gamma, weight, values, logit_bias, grad_rec_q, grad_rec_t) -> torch.Tensor:

@@ -12,13 +12,15 @@ Grid (K, T) as planned in seat_plan.py: CTA (j, c) owns P range j and the run c 
    sub-tiles.
 
 PASS (MODE_GRADS only) runs half of it for the split BatchNorm backward (seat_bn_split.py): the
-sums alone, or dq alone with a per-channel affine. The per-row-block device functions are in
+sums alone, or dq alone with a per-channel affine. PRODUCERS (the fused modes' relay design)
+adds CTAs that run step 1's forward once per row block and hand it to the K CTAs of the run
+(seat_grad_kernel's docstring). The per-row-block device functions are in
 seat_grad_rows.py.
 
 At the last row block of an image (or of its run) a CTA writes its accumulators to workspace
-slot c + b and zeroes them. No program reads what another program (or another warp of its
-own) writes in the same launch: partial sums meet only in reduce_slots_kernel, a later launch,
-so no barrier is needed. The host adds what flows through V = Gamma W^T:
+slot c + b and zeroes them. Partial sums meet only in reduce_slots_kernel, a later launch, so
+they need no barrier; the one hand-off inside a launch is the relay design's (producer rows,
+ordered by a flag per row block). The host adds what flows through V = Gamma W^T:
 dGamma += S W, dW += sum_b S_b^T Gamma_b with S_b = sum_i a_i^T gt_i (an (N, C) partial sum).
 """
 
@@ -33,7 +35,8 @@ from san_fast.kernels import seat_common as common
 from san_fast.kernels import seat_plan
 from san_fast.kernels.seat_forward import values_matrix
 from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_values_grad, range_columns_ok,
-                                             range_sums, row_halves, saved_rows, store_partials, values_grad)
+                                             range_sums, relay_publish, relayed_rows, row_halves, saved_rows,
+                                             store_partials, values_grad)
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
 PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -45,7 +48,7 @@ PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE = tl.constexpr(0), tl.constexpr(1), tl.cons
 def seat_grad_kernel(
     q_ptr, gamma_ptr, w_ptr, v_ptr, bias_ptr, lb_ptr,
     attn_ptr, ga_ptr, gt_ptr,
-    dq_ptr, rq_ptr, rt_ptr, ws_ptr, alpha_ptr, beta_ptr,
+    dq_ptr, rq_ptr, rt_ptr, ws_ptr, alpha_ptr, beta_ptr, flags_ptr,
     B, M, N, P, C: tl.constexpr, P_RANGE, T_J, SLOT_LEN, tau, grad_scale, h_rec, h_con,
     stride_qb, stride_qm, stride_qp,
     stride_dqb, stride_dqm, stride_dqp,
@@ -56,6 +59,7 @@ def seat_grad_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P2: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_PD: tl.constexpr, PASS: tl.constexpr = 0, PACK_W: tl.constexpr = False,
     W_ROWS: tl.constexpr = 1, EVEN_P: tl.constexpr = False, WIDE_RANGE: tl.constexpr = False,
+    PRODUCERS: tl.constexpr = 0, SPIN_ASM: tl.constexpr = False,
 ):
     """ga_ptr: grad of rec_q (MODE_GRADS) or the target image x (fused modes), both (B,M,C);
     gt_ptr: grad of rec_t (MODE_GRADS only). With LOGIT_BIAS the logits carry lb (B,N) and the
@@ -79,9 +83,24 @@ def seat_grad_kernel(
     EVEN_P (GradPlan.even_p): every range is full and as wide as its tile, so no column mask.
     WIDE_RANGE (GradPlan.wide_range): step 2 loads its Q tile and runs its dots in two halves of
     the rows, and dq's sub-tiles run in a loop: what lets a 512-wide range's accumulators fit
-    255 registers (seat_plan.WIDE_RANGE_P2)."""
-    j = tl.program_id(0)
-    c = tl.program_id(1)
+    255 registers (seat_plan.WIDE_RANGE_P2).
+
+    PRODUCERS (fused modes, GradPlan.producers): the relay design. Each run has PRODUCERS more
+    CTAs that compute the forward of its row blocks (every PRODUCERS-th each) and hand it to
+    the run's K gradient CTAs through attn_ptr (B,M,N), rq_ptr, rt_ptr and a flag per row block
+    (flags_ptr: a ticket counter, then B * row blocks flags, all zero at launch); the gradient
+    CTAs read only their range of each Q row block instead of all of it. Roles come from a
+    ticket taken at start, in the order CTAs actually started: a gradient CTA waits only on
+    producers that started before it and never wait themselves, so the waits end whatever the
+    GPU runs at once (and under the interpreter, which runs programs one after another)."""
+    if PRODUCERS > 0:
+        ticket = tl.atomic_add(flags_ptr, 1)
+        group = tl.cdiv(P, P_RANGE) + PRODUCERS
+        c = ticket // group
+        j = ticket % group - PRODUCERS  # < 0: a producer
+    else:
+        j = tl.program_id(0)
+        c = tl.program_id(1)
     ns = tl.arange(0, BLOCK_N)
     n_ok = ns < N
     cs = tl.arange(0, BLOCK_C)
@@ -108,6 +127,8 @@ def seat_grad_kernel(
     items = tl.cast(B, tl.int64) * n_rb
     start = c * items // T_J
     end = (c + 1) * items // T_J
+    if PRODUCERS > 0:  # a producer runs no row block as a gradient CTA
+        end = tl.where(j < 0, start, end)
     # Transposed (range x N): as the M dimension of the dots the range width (>= 64) lets
     # Hopper use wgmma with its operands in shared memory rather than registers.
     acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
@@ -127,6 +148,12 @@ def seat_grad_kernel(
             attn, gt, gu = saved_rows(
                 attn_ptr + b * M * N, ga_ptr + b * stride_ab, gt_ptr + b * stride_tb, rows, rows_ok, ns, n_ok, cs, c_ok,
                 N, stride_am, stride_ac, stride_tm, stride_tc, ACC, OFFS64,
+            )
+        elif PRODUCERS > 0:
+            attn, gt, gu = relayed_rows(
+                attn_ptr + b * M * N, rq_ptr + b * M * C, rt_ptr + b * M * C, ga_ptr + b * stride_ab, flags_ptr + 1 + it,
+                rows, rows_ok, ns, n_ok, chan, chan_ok, low, N, C, h_rec, h_con, stride_am, stride_ac, MODE, ACC, OFFS64,
+                U_SUMS, SPIN_ASM,
             )
         else:
             attn, gt, gu = fused_loss_rows(
@@ -148,8 +175,11 @@ def seat_grad_kernel(
             dl = pack_values_grad(dl, gu, ns, cs, N, C, HALF, W_ROWS)
         dl_lp = dl.to(q_dtype)
         gu_lp = gu.to(q_dtype)
-        if U_SUMS:  # the sums take u, dq takes gq = h_rec u
-            dl_dq = tl.where(ns[None, :] >= N, dl * h_rec, dl).to(q_dtype)
+        if U_SUMS:  # the sums take u, dq takes gq = h_rec u (in dl's padding columns with PACK_W)
+            if PACK_W:
+                dl_dq = tl.where(ns[None, :] >= N, dl * h_rec, dl).to(q_dtype)
+            else:
+                dl_dq = dl_lp
             gu_dq = (gu * h_rec).to(q_dtype)
         else:
             dl_dq, gu_dq = dl_lp, gu_lp
@@ -183,6 +213,19 @@ def seat_grad_kernel(
                 acc_w = tl.zeros((BLOCK_P2, BLOCK_C), ACC)
                 acc_s = tl.zeros((BLOCK_N, BLOCK_C), ACC)
 
+    if PRODUCERS > 0:
+        # After the gradient loop, so that nothing of it is live here: a CTA is one or the other.
+        p_end = tl.where(j < 0, (c + 1) * items // T_J, start)
+        for it in range(start + j + PRODUCERS, p_end, PRODUCERS):
+            b = it // n_rb
+            rows = (it - b * n_rb).to(tl.int32) * BLOCK_M + ms
+            relay_publish(
+                q_ptr + b * stride_qb, gamma_ptr, w_ptr, v_ptr + b * N * C, bias_ptr, lb_ptr, attn_ptr + b * M * N,
+                rq_ptr + b * M * C, rt_ptr + b * M * C, flags_ptr + 1 + it, b, rows, rows < M, ns, n_ok, cs, chan,
+                chan_ok, low, N, P, C, tau, stride_qm, stride_qp, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64,
+                BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+            )
+
 
 @triton.jit(do_not_specialize=["SLOT_LEN", "ROW_BLOCKS", "ITEMS", "T_J"])
 def reduce_slots_kernel(ws_ptr, out_ptr, SLOT_LEN, ROW_BLOCKS, ITEMS, T_J, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -201,10 +244,11 @@ def reduce_slots_kernel(ws_ptr, out_ptr, SLOT_LEN, ROW_BLOCKS, ITEMS, T_J, ACC: 
 
 def _grad_kernel(plan: seat_plan.GradPlan):
     bn = common.block_n(plan.N)
-    configs = seat_plan.grad_configs(plan.mode, bn, plan.block_p2)
-    kind = seat_plan.grad_kind(plan.mode)
+    configs = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, relay=plan.relay)
+    kind = seat_plan.grad_kind(plan.mode, plan.relay)
     return common.autotuned(seat_grad_kernel, kind, seat_plan.bucket(bn), configs,
-                            ["N", "P", "C", "MODE", "BLOCK_M", "BLOCK_P2", "PASS"])
+                            ["N", "P", "C", "MODE", "BLOCK_M", "BLOCK_P2", "PASS", "PRODUCERS"],
+                            reset_to_zero=["flags_ptr"] if plan.relay else None)
 
 
 def _check_plan(plan: seat_plan.GradPlan, mode: int, shape: tuple) -> None:
@@ -294,6 +338,10 @@ def launch_grad(
     ws = buffer(1) if grad_pass == PASS_DQ_AFFINE.value else buffer(plan.slots, plan.slot_len)
     rec_q = buffer(bsz, m, c) if fused else dq
     rec_t = buffer(bsz, m, c) if fused else dq
+    flags = values
+    if plan.producers:  # the relay design: the producers' hand-off (seat_grad_kernel's PRODUCERS)
+        attn = torch.empty((bsz, m, n), device=q.device, dtype=q.dtype)
+        flags = torch.zeros(1 + plan.items, device=q.device, dtype=torch.int32)
     kernel, meta = common.with_config(_grad_kernel(plan), config)
     gamma_op = common.as_operand(gamma, q.dtype)
     wide = common.wide_offsets(q, dq, gamma_op, row_a, row_t, *([attn] if attn is not None else []))
@@ -303,6 +351,7 @@ def launch_grad(
             bias if bias is not None else values, logit_bias if logit_bias is not None else values,
             attn if attn is not None else values, row_a, row_t,
             dq, rec_q, rec_t, ws, alpha if dq_affine is not None else values, beta if dq_affine is not None else values,
+            flags,
             bsz, m, n, p, c, plan.p_range, plan.ctas_per_range, plan.slot_len, 1.0 / p ** 0.5,
             2.0 / (bsz * m * c) if fused else 1.0, h_rec, h_con,
             q.stride(0), q.stride(1), q.stride(2),
@@ -312,7 +361,8 @@ def launch_grad(
             MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
             ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
             BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass,
-            PACK_W=plan.packs_w, W_ROWS=plan.w_rows, EVEN_P=plan.even_p, WIDE_RANGE=plan.wide_range, **meta,
+            PACK_W=plan.packs_w, W_ROWS=plan.w_rows, EVEN_P=plan.even_p, WIDE_RANGE=plan.wide_range,
+            PRODUCERS=plan.producers, SPIN_ASM=plan.relay and not common.interpreting(), **meta,
         )
         if grad_pass == PASS_DQ_AFFINE.value:
             return dq, None, None, None, None, None, None, None

@@ -134,11 +134,12 @@ def as_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _AUTOTUNED: dict = {}
 
 
-def autotuned(kernel, kind: str, bucket: int, configs: list, key: list):
-    """One autotuner per (kernel, kind, N bucket), each with the configs that fit that N."""
+def autotuned(kernel, kind: str, bucket: int, configs: list, key: list, reset_to_zero: Optional[list] = None):
+    """One autotuner per (kernel, kind, N bucket), each with the configs that fit that N;
+    `reset_to_zero`: arguments zeroed before each timed run (the relay design's flags)."""
     reg_key = (kernel, kind, bucket, tuple(str(c) for c in configs))
     if reg_key not in _AUTOTUNED:
-        _AUTOTUNED[reg_key] = triton.autotune(configs=configs, key=key)(kernel)
+        _AUTOTUNED[reg_key] = triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(kernel)
     return _AUTOTUNED[reg_key]
 
 

@@ -10,24 +10,14 @@ from san_fast.kernels.seat_forward import logits_and_rec_q, mm, tile_offsets
 
 
 @triton.jit
-def fused_loss_rows(
-    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan,
-    chan_ok,
-    low, store_rec, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp, stride_xm, stride_xc,
-    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    ACC: tl.constexpr, OFFS64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    U_SUMS: tl.constexpr,
+def forward_rows(
+    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, b, rows, rows_ok, ns, n_ok, chan, chan_ok, N, P, C, tau,
+    stride_qm, stride_qp, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """The forward of one row block and the gradients of the two MSE losses at rec_q, rec_t
-    (without the 2/K of the means: O(1) residuals survive the cast to fp16/bf16 for tl.dot, and
-    the launcher's grad_scale = 2/K multiplies the fp32 results instead).
-
-    Returns the attention, gt (columns [0, C)) and gu: gq in columns [0, HALF), u = rec_q - x
-    in [HALF, BLOCK_C), so that one tl.dot gives both dW partial sums; with U_SUMS (target x,
-    where gq = h_rec u) u alone in [0, HALF), the kernel applying h_rec to dq's W term."""
-    # Default eviction: the K CTAs of this run read the same rows now, and this CTA reads its
-    # range again in step 2 (traffic.py's L2 rule).
+    """The forward of one row block over the whole of P: the attention and rec_q, rec_t (bias
+    added), in ACC; column j of rec_q, rec_t is channel chan[j]."""
+    # Default eviction: the other CTAs of this run read these rows now (traffic.py's L2 rule).
     logits, rec_q = logits_and_rec_q(
         q_img, rows, gamma_ptr, b * N + ns, w_ptr, lb_ptr, rows_ok, n_ok, chan, chan_ok, P, tau, stride_qm, stride_qp,
         LOGIT_BIAS, True, "", PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
@@ -41,12 +31,20 @@ def fused_loss_rows(
         bias = tl.load(bias_ptr + chan, mask=chan_ok, other=0.0).to(ACC)
         rec_q += bias[None, :]
         rec_t += bias[None, :]
+    return attn, rec_q, rec_t
+
+
+@triton.jit
+def loss_grads(rec_q, rec_t, x_img, rows, rows_ok, chan, chan_ok, low, h_rec, h_con, stride_xm, stride_xc,
+               MODE: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr, U_SUMS: tl.constexpr):
+    """The gradients of the two MSE losses at rec_q, rec_t (without the 2/K of the means: O(1)
+    residuals survive the cast to fp16/bf16 for tl.dot, and the launcher's grad_scale = 2/K
+    multiplies the fp32 results instead).
+
+    Returns gt (columns [0, C)) and gu: gq in columns [0, HALF), u = rec_q - x in
+    [HALF, BLOCK_C), so that one tl.dot gives both dW partial sums; with U_SUMS (target x,
+    where gq = h_rec u) u alone in [0, HALF), the kernel applying h_rec to dq's W term."""
     both_ok = rows_ok[:, None] & chan_ok[None, :]
-    if store_rec:
-        out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
-        out_ok = both_ok & low[None, :]
-        tl.store(rq_ptr + b * M * C + out_offs, rec_q, mask=out_ok)
-        tl.store(rt_ptr + b * M * C + out_offs, rec_t, mask=out_ok)
     x = tl.load(x_img + tile_offsets(rows, chan, stride_xm, stride_xc, OFFS64), mask=both_ok, other=0.0).to(ACC)
     u = tl.where(both_ok, rec_q - x, 0.0)
     if MODE == 1:
@@ -60,7 +58,109 @@ def fused_loss_rows(
         gu = tl.where(low[None, :], u, 0.0)
     else:
         gu = tl.where(low[None, :], gq, u)
+    return gt, gu
+
+
+@triton.jit
+def fused_loss_rows(
+    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan,
+    chan_ok,
+    low, store_rec, M, N, P, C, tau, h_rec, h_con, stride_qm, stride_qp, stride_xm, stride_xc,
+    MODE: tl.constexpr, HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, OFFS64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    U_SUMS: tl.constexpr,
+):
+    """The fused design: the forward of one row block (every CTA of the run computes it) and
+    the losses' gradients (loss_grads); `store_rec` CTAs write rec_q, rec_t. Returns the
+    attention, gt and gu."""
+    attn, rec_q, rec_t = forward_rows(
+        q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, b, rows, rows_ok, ns, n_ok, chan, chan_ok, N, P, C, tau,
+        stride_qm, stride_qp, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+    )
+    if store_rec:
+        out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
+        out_ok = rows_ok[:, None] & chan_ok[None, :] & low[None, :]
+        tl.store(rq_ptr + b * M * C + out_offs, rec_q, mask=out_ok)
+        tl.store(rt_ptr + b * M * C + out_offs, rec_t, mask=out_ok)
+    gt, gu = loss_grads(rec_q, rec_t, x_img, rows, rows_ok, chan, chan_ok, low, h_rec, h_con, stride_xm, stride_xc,
+                        MODE, ACC, OFFS64, U_SUMS)
     return attn, gt, gu
+
+
+@triton.jit
+def relay_publish(
+    q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, attn_img, rq_img, rt_img, flag_ptr, b, rows, rows_ok, ns, n_ok,
+    cs, chan, chan_ok, low, N, P, C, tau, stride_qm, stride_qp,
+    HAS_BIAS: tl.constexpr, LOGIT_BIAS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    OFFS64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The relay design's producer, one row block: its forward, written for the run's gradient
+    CTAs (the attention in q's dtype, rec_q and rec_t in ACC), then its flag raised.
+
+    The flag is a release at GPU scope after a CTA barrier (every thread's stores are then
+    ordered before it: PTX's release is cumulative), the pattern of CUTLASS's semaphore."""
+    attn, rec_q, rec_t = forward_rows(
+        q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, b, rows, rows_ok, ns, n_ok, chan, chan_ok, N, P, C, tau,
+        stride_qm, stride_qp, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
+    )
+    tl.store(attn_img + tile_offsets(rows, ns, N, 1, OFFS64), attn.to(attn_img.dtype.element_ty),
+             mask=rows_ok[:, None] & n_ok[None, :])
+    out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
+    out_ok = rows_ok[:, None] & chan_ok[None, :] & low[None, :]
+    tl.store(rq_img + out_offs, rec_q, mask=out_ok)
+    tl.store(rt_img + out_offs, rec_t, mask=out_ok)
+    tl.debug_barrier()
+    tl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
+
+
+# Every thread spins on its own acquire load, so its later loads are ordered after the flag
+# with no barrier. One instruction to triton (an elementwise op), not a loop: a loop inside the
+# persistent loop would keep triton's software pipeliner off it (it pipelines innermost loops
+# only; offline compiles for sm90 showed 6 async copies with a while loop, none of them in the
+# gradient loop). ${:uid} makes the label unique per copy of the asm.
+SPIN_ON_FLAG = tl.constexpr("""{
+.reg .pred %p_wait;
+WAIT${:uid}:
+ld.acquire.gpu.global.b32 $0, [$1];
+setp.eq.s32 %p_wait, $0, 0;
+@%p_wait bra WAIT${:uid};
+}""")
+
+
+@triton.jit
+def wait_flag(flag_ptr, SPIN_ASM: tl.constexpr):
+    """Return once the int32 at flag_ptr is non-zero (acquire, GPU scope). SPIN_ASM: on a GPU, in
+    PTX; else (the interpreter, which cannot run PTX) a loop of atomic reads."""
+    if SPIN_ASM:
+        tl.inline_asm_elementwise(SPIN_ON_FLAG, "=r,l", [flag_ptr], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        ready = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        while ready == 0:
+            ready = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+
+@triton.jit
+def relayed_rows(attn_img, rq_img, rt_img, x_img, flag_ptr, rows, rows_ok, ns, n_ok, chan, chan_ok, low, N, C,
+                 h_rec, h_con, stride_xm, stride_xc, MODE: tl.constexpr, ACC: tl.constexpr, OFFS64: tl.constexpr,
+                 U_SUMS: tl.constexpr, SPIN_ASM: tl.constexpr):
+    """The relay design's gradient CTA, one row block: wait for its flag, then read what the
+    producer wrote and take the losses' gradients (loss_grads). Returns the attention, gt, gu.
+
+    The producer took its ticket before this CTA (seat_grad_kernel), so it is running and
+    never waits: the spin ends. Loads bypass L1 (.cg): a neighbouring row block's load may
+    have brought these lines into L1 before they were written."""
+    wait_flag(flag_ptr, SPIN_ASM)
+    attn = tl.load(attn_img + tile_offsets(rows, ns, N, 1, OFFS64), mask=rows_ok[:, None] & n_ok[None, :],
+                   other=0.0, cache_modifier=".cg")
+    rc_offs = tile_offsets(rows, chan, C, 1, OFFS64)
+    rc_ok = rows_ok[:, None] & chan_ok[None, :]
+    rec_q = tl.load(rq_img + rc_offs, mask=rc_ok, other=0.0, cache_modifier=".cg")
+    rec_t = tl.load(rt_img + rc_offs, mask=rc_ok, other=0.0, cache_modifier=".cg")
+    gt, gu = loss_grads(rec_q, rec_t, x_img, rows, rows_ok, chan, chan_ok, low, h_rec, h_con, stride_xm, stride_xc,
+                        MODE, ACC, OFFS64, U_SUMS)
+    return attn.to(ACC), gt, gu
 
 
 @triton.jit

@@ -62,6 +62,11 @@ FORWARD_TRIPLES = {
 GRAD_TILES = {
     "backward": {32: [(64, 128)], 64: [(64, 128)], 128: [(32, 64)], 256: [(16, 64)]},
     "loss": {32: [(32, 64)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
+    # The relay design's gradient CTAs hold what the backward's do (its producers' pass over
+    # whole rows runs in other CTAs, in a branch of its own).
+    # Spill-free at N <= 64 for bf16 and fp16 on sm80 and sm90 with 8 warps (compile_report.py).
+    "relay": {32: [(64, 128), (64, 64)], 64: [(32, 64)], 128: [(64, 64), (32, 128), (32, 64)],
+              256: [(32, 64), (64, 64)]},
 }
 # Autotuned at run time (they change no byte the kernel moves): the dQ sub-tile width
 # BLOCK_PD, and for the fused loss the pass-1 chunk BLOCK_P; warps, stages.
@@ -73,6 +78,8 @@ GRAD_TUNE = {
                  256: [(32, 4, 2), (32, 8, 2)]},
     "loss": {32: [(64, 64, 8, 2)], 64: [(32, 64, 8, 2)],
              128: [(32, 64, 8, 2), (32, 32, 8, 2)], 256: [(32, 32, 8, 2), (32, 64, 8, 2)]},
+    # N = 64: only without pipelining (1 stage) is the 32 x 64 tile spill-free on sm80.
+    "relay": {32: [(64, 64, 8, 2)], 64: [(64, 64, 8, 1)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
 }
 # The fused loss with target x where its accumulators take at most 32 columns (dW packed into
 # dGamma's padding, seat_grad_kernel's U_SUMS: N + C <= 32; or BLOCK_N = 16): wide tiles, each
@@ -96,7 +103,7 @@ FUSED_LOSS_MAX_BLOCK_N = 32
 # (autotuning several configs does not work there).
 INTERPRETER_FORWARD = (64, 64, 4, 1)
 INTERPRETER_GRAD_TILE = (64, 64)
-INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1)}
+INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1), "relay": (64, 64, 4, 1)}
 INTERPRETER_SMS = 4
 REDUCE_BLOCK = 1024
 # Problems of at least FILL_ROWS rows get a plan with a CTA per SM when one is modeled within
@@ -120,8 +127,22 @@ def forward_configs(bn: int, interpreter: Optional[bool] = None) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_P": p}, num_warps=w, num_stages=s) for m, p, w, s in triples]
 
 
-def grad_kind(mode: int) -> str:
+def grad_kind(mode: int, relay: bool = False) -> str:
+    if relay:
+        if mode not in LOSS_MODES:
+            raise ValueError("the relay design is a fused-loss design: a loss mode expected")
+        return "relay"
     return "loss" if mode in LOSS_MODES else "backward"
+
+
+def relay_producers(k: int, slots: int = 0) -> int:
+    """Producer CTAs per run of K gradient CTAs in the relay design. Per row block a producer's
+    pass (the logits' and rec_q's dots over all of P) is about half the dots of the K gradient
+    CTAs together (dGamma's and dq's), so at least K / 2 producers, each taking every
+    producers-th row block, keep pace with them; up to K where that makes a run's CTAs divide
+    the resident `slots` (an A100's 108 at K = 16: 11 producers, 4 runs of 27 CTAs)."""
+    base = max(1, triton.cdiv(k, 2))
+    return next((p for p in range(base, k + 1) if slots and slots % (k + p) == 0), base)
 
 
 # An SM's register file and a thread's most registers (sm70 to sm90).
@@ -172,17 +193,20 @@ def even_ranges(P: int, p_range: int, block_p2: int) -> bool:
     return p_range == block_p2 and P % p_range == 0
 
 
-def grad_tiles(mode: int, N: int, C: int, sm80: bool = True) -> list[tuple[int, int]]:
+def grad_tiles(mode: int, N: int, C: int, sm80: bool = True, relay: bool = False) -> list[tuple[int, int]]:
     """(BLOCK_M, BLOCK_P2) tiles the planner chooses among (outside the interpreter); `sm80`:
     the GPU is sm80 or newer (GPUSpec.bf16)."""
-    tiles = GRAD_TILES[grad_kind(mode)][bucket(common.block_n(N))]
+    tiles = GRAD_TILES[grad_kind(mode, relay)][bucket(common.block_n(N))]
+    if relay:
+        return tiles
     # All of them: at small P a wide tile's range is mostly padding, and the model says so.
     return list(WIDE_LOSS_TILES) + tiles if sm80 and wide_loss(mode, N, C) else tiles
 
 
-def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None) -> list:
+def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None,
+                 relay: bool = False) -> list:
     """Autotune candidates of the gradient kernel for a plan's tile (BLOCK_PD <= BLOCK_P2)."""
-    kind = grad_kind(mode)
+    kind = grad_kind(mode, relay)
     if _interp(interpreter):
         tunes = [INTERPRETER_TUNE[kind]]
     elif kind == "loss" and block_p2 in WIDE_LOSS_P2:
@@ -193,7 +217,7 @@ def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] 
     for t in tunes:
         *blocks, warps, stages = t
         # MODE_GRADS has no pass over the whole row: its BLOCK_P is a placeholder.
-        kw = {"BLOCK_P": blocks[0] if kind == "loss" else 16, "BLOCK_PD": min(blocks[-1], block_p2)}
+        kw = {"BLOCK_P": blocks[0] if kind != "backward" else 16, "BLOCK_PD": min(blocks[-1], block_p2)}
         key = (tuple(kw.items()), warps, stages)
         if key not in seen:
             seen.add(key)
@@ -223,6 +247,7 @@ class GradPlan:
     block_p2: int
     p_range: int
     ctas_per_range: int
+    producers: int = 0  # the relay design's producer CTAs per run (seat_grad_kernel's PRODUCERS)
 
     @property
     def block_n(self) -> int:
@@ -242,12 +267,16 @@ class GradPlan:
         return self.B * self.row_blocks
 
     @property
+    def relay(self) -> bool:
+        return self.producers > 0
+
+    @property
     def grid(self) -> tuple[int, int]:
-        return (self.k, self.ctas_per_range)
+        return (self.k + self.producers, self.ctas_per_range)
 
     @property
     def ctas(self) -> int:
-        return self.k * self.ctas_per_range
+        return (self.k + self.producers) * self.ctas_per_range
 
     @property
     def w_rows(self) -> int:
@@ -287,14 +316,17 @@ class GradPlan:
         return total
 
 
-def _p_ranges(p: int, block_p2: int, sms: int) -> list[int]:
-    """Range widths for a tile: the full tile, and narrower multiples of 16 that make K divide
-    the SM count (every SM busy) while still fitting the tile."""
+def _p_ranges(p: int, block_p2: int, sms: int, relay: bool = False) -> list[int]:
+    """Range widths for a tile: the full tile, and narrower multiples of 16 that make K (in the
+    relay design K and its producers) divide the SM count (every SM busy) while still fitting
+    the tile."""
     widths = {min(block_p2, triton.cdiv(p, 16) * 16)}
     k0 = triton.cdiv(p, block_p2)
     for k in range(k0 + 1, 2 * k0 + 2):
         width = triton.cdiv(triton.cdiv(p, k), 16) * 16
-        if sms % triton.cdiv(p, width) == 0 and width <= block_p2:
+        k = triton.cdiv(p, width)
+        group = k + (relay_producers(k, sms) if relay else 0)
+        if sms % group == 0 and width <= block_p2:
             widths.add(width)
     return sorted(widths, reverse=True)
 
@@ -303,64 +335,70 @@ def grad_plan_candidates(
     mode: int, B: int, M: int, P: int, N: int, C: int, sms: int, *,
     block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
     ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None, sm80: bool = True,
+    relay: bool = False,
 ) -> list[GradPlan]:
     bn = common.block_n(N)
     if _interp(interpreter):
         tiles = [INTERPRETER_GRAD_TILE]
     else:
-        tiles = grad_tiles(mode, N, C, sm80)
+        tiles = grad_tiles(mode, N, C, sm80, relay)
     if block_m is not None or block_p2 is not None:
         tiles = [(block_m or bm, block_p2 or p2) for bm, p2 in tiles[:1]]
     plans = []
     for bm, p2 in tiles:
         if p_range is not None and block_p2 is None:
             p2 = max(16, triton.next_power_of_2(p_range))
-        widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms)
+        widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms, relay)
         if wide_range(bm, p2) and block_p2 is None:  # planned only where every range is full
             widths = [w for w in widths if even_ranges(P, w, p2)]
         for width in widths:
             k = triton.cdiv(P, width)
+            resident = sms * ctas_per_sm(grad_kind(mode, relay), bn)
+            producers = relay_producers(k, resident) if relay else 0
             items = B * triton.cdiv(M, bm)
             if ctas_per_range is not None:
                 runs = [ctas_per_range]
             else:
                 # A CTA per resident slot, or (small problems, where each CTA's partial sums
                 # would outweigh its rows) halvings of it.
-                resident = sms * ctas_per_sm(grad_kind(mode), bn)
-                runs = [max(1, resident // k)]
+                runs = [max(1, resident // (k + producers))]
                 while runs[-1] > 1:
                     runs.append(runs[-1] // 2)
                 # Where one wave of whole runs leaves SMs without a CTA (K not dividing the
                 # resident slots: an A100's 108 SMs with one CTA per SM, where no range width
                 # that is a multiple of 16 gives such a K), K*T = lcm(K, slots) fills every SM
                 # in a few exact waves.
-                shared = math.gcd(k, resident)
-                if runs[0] * k < sms and 1 < k // shared <= MAX_WAVES and resident // shared <= items:
+                # (The relay design's CTAs wait only on CTAs that started before them: any
+                # number of waves is safe.)
+                group = k + producers
+                shared = math.gcd(group, resident)
+                if runs[0] * group < sms and 1 < group // shared <= MAX_WAVES and resident // shared <= items:
                     runs.append(resident // shared)
             for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):
-                plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t))
+                plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t, producers))
     return plans
 
 
 def grad_plan(
     mode: int, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec, *,
     block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
-    ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None,
+    ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None, relay: bool = False,
 ) -> GradPlan:
     """The plan with the least modeled time (traffic.py); among those within 1% of it, the one
     with the most CTAs, then the fewest HBM bytes. The keyword arguments pin a tile, a range
-    width or T (tests do)."""
+    width or T (tests do); `relay` plans the fused loss's relay design."""
     return _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range,
-                      _interp(interpreter))
+                      _interp(interpreter), relay)
 
 
 @functools.lru_cache(maxsize=256)
-def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range, interpreter) -> GradPlan:
+def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range, interpreter,
+               relay) -> GradPlan:
     from san_fast.kernels import traffic
 
     plans = grad_plan_candidates(mode, B, M, P, N, C, spec.sms, block_m=block_m, block_p2=block_p2,
                                  p_range=p_range, ctas_per_range=ctas_per_range, interpreter=interpreter,
-                                 sm80=spec.bf16)
+                                 sm80=spec.bf16, relay=relay)
     if len(plans) == 1:
         return plans[0]
     scored = []
@@ -376,9 +414,11 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
         if filling:
             scored = filling
             best = min(ms for ms, _, _ in scored)
-    # Within 1% of the fastest, fill more SMs (ranges of K | SMs columns); then fewer bytes.
+    # Within 1% of the fastest, fill more SMs (ranges of K | SMs columns), counting a wave at
+    # most (a second wave fills nothing more); then fewer bytes.
     near = [s for s in scored if s[0] <= 1.01 * best]
-    return min(near, key=lambda s: (-s[2].ctas, s[1], s[2].k))[-1]
+    slots = spec.sms * ctas_per_sm(grad_kind(mode, relay), common.block_n(N))
+    return min(near, key=lambda s: (-min(s[2].ctas, slots), s[1], s[2].k))[-1]
 
 
 def fused_loss_fits(N: int) -> bool:
@@ -389,13 +429,13 @@ def fused_loss_fits(N: int) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec) -> str:
-    """'fused' (one pass: every gradient computed in the forward) or 'two_pass' (forward saving
-    the attention, exact backward), whichever the traffic model says is faster; two_pass where
-    the fused kernel would spill (N above FUSED_LOSS_MAX_BLOCK_N)."""
+    """The fused loss's design the traffic model says is fastest: 'fused' (one pass, every
+    CTA of a run computing the forward of its rows; only where that kernel runs spill-free,
+    N up to FUSED_LOSS_MAX_BLOCK_N), 'relay' (one pass, producer CTAs computing the forward and
+    handing it to the gradient CTAs) or 'two_pass' (forward saving the attention, then the
+    exact backward). Ties go to the earlier of that order."""
     from san_fast.kernels import traffic
 
-    if not fused_loss_fits(N):
-        return "two_pass"
-    ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d).modeled_ms
-          for d in ("fused", "two_pass")}
-    return "fused" if ms["fused"] <= ms["two_pass"] else "two_pass"
+    designs = ("fused", "relay", "two_pass") if fused_loss_fits(N) else ("relay", "two_pass")
+    ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d).modeled_ms for d in designs}
+    return min(designs, key=lambda d: (ms[d], designs.index(d)))

@@ -54,7 +54,7 @@ from san_fast.kernels import seat_plan
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, GradPlan
 
 OPS = ("forward", "backward", "forward_backward", "fused_loss", "labels")
-LOSS_DESIGNS = ("fused", "two_pass")
+LOSS_DESIGNS = ("fused", "relay", "two_pass")
 L2_FRACTION = 0.5
 DRIFT_ROW_BLOCKS = 2
 PAPER = {"B": 16, "M": 128 * 128, "P": 1024, "N": 27, "C": 3, "dtype": torch.bfloat16}
@@ -182,7 +182,7 @@ def _shared_in_l2(plan: GradPlan, dtype, spec) -> tuple[bool, int]:
     if plan.mode == MODE_GRADS:
         per_row += plan.N * e + 2 * plan.C * e
     else:
-        per_row += plan.C * e + 2 * plan.C * 4
+        per_row += plan.C * e + 2 * plan.C * 4 + (plan.N * e if plan.relay else 0)
     group = plan.block_m * per_row
     # Each run is on one image at a time: T runs keep at most T images' gamma hot.
     resident = (min(plan.B, plan.ctas_per_range) * plan.N + plan.C) * plan.P * e
@@ -205,7 +205,15 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     q_bytes = B * M * P * e
     by = {"Q read": q_bytes, "dQ write": q_bytes,
           "gamma, W, V": B * N * P * e + C * P * e + B * N * C * 4 + (B * N * 4 if folded and fused else 0)}
-    if fused:
+    relay = plan.relay
+    if relay:  # producers read Q; each gradient CTA re-reads its range, and the relayed rows
+        attn, rows_in = B * M * N * e, 2 * B * M * C * acc + B * M * C * e  # rec_q, rec_t, x
+        by["Q re-read (HBM)"] = 0 if shared else q_bytes
+        by["attention write"] = attn
+        by["attention re-read (HBM)"] = 0 if shared else k * attn
+        by["per-row in/out"] = B * M * C * e + 2 * B * M * C * acc
+        row_l2 = 2 * q_bytes + attn + 2 * B * M * C * acc + k * (attn + rows_in)
+    elif fused:
         by["Q re-read (HBM)"] = 0 if shared else k * q_bytes  # K - 1 other CTAs, plus step 2
         by["per-row in/out"] = B * M * C * e + 2 * B * M * C * acc  # x in, rec_q and rec_t out
         row_l2 = k * q_bytes + q_bytes + k * B * M * C * e
@@ -218,27 +226,32 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     used = plan.used_slots()
     by["workspace"] = used * plan.slot_len * acc
     items = plan.items * k  # row blocks visited, all CTAs
-    gamma_l2 = items * N * (plan.p_range + (P if fused else 0)) * e  # step 2's range; pass 1's whole rows
+    # Step 2's range in every CTA; pass 1's whole rows in every CTA (fused) or once (relay).
+    passes1 = plan.items if relay else items if fused else 0
+    gamma_l2 = (items * plan.p_range + passes1 * P) * N * e
     l2 = row_l2 + q_bytes + gamma_l2 + by["workspace"]
     # dGamma, dW, dq dots; packed, dW rides in dGamma's dot and W under Gamma in dq's (PACK_W)
     step2 = 2 * items * bm * plan.block_p2 * 2 * (bn + (0 if plan.packs_w else bc))
     small = (items + plan.items) * 2 * bm * bn * C  # da = gt V^T (every CTA), S += a^T gt (range 0)
-    tunes = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, interpreter=False)
+    tunes = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, interpreter=False, relay=relay)
     pass1 = 0
     if fused:
         # The pass-1 chunk (autotuned) only pads P: the least padding, as the fastest pick.
         p_pad = min(triton.cdiv(P, c.kwargs["BLOCK_P"]) * c.kwargs["BLOCK_P"] for c in tunes)
-        pass1 = items * 2 * bm * p_pad * (bn + bc)
-        small += items * 2 * bm * bn * bc  # rec_t = a V
+        pass1 = passes1 * 2 * bm * p_pad * (bn + bc)
+        small += passes1 * 2 * bm * bn * bc  # rec_t = a V
     config = {"BLOCK_M": bm, "BLOCK_P2": plan.block_p2, "P range": plan.p_range, "K": k,
-              "T": plan.ctas_per_range, "slots used": used, "autotuned over": [common.config_label(c) for c in tunes]}
+              "T": plan.ctas_per_range, **({"producers": plan.producers} if relay else {}), "slots used": used, "autotuned over": [common.config_label(c) for c in tunes]}
     note = (f"rows shared through L2 (reuse distance {window / 2**20:.1f} MiB)" if shared else
             f"rows NOT shared through L2 (reuse distance {window / 2**20:.1f} MiB)")
     out = _operand_casts(B, N, P, C, dtype, spec, folded=folded)  # launch_grad casts gamma, W (and builds V)
     if split_bn:
         out += _split_launches(plan, dtype, spec, config, by, step2, small, l2, note)
     else:
-        out.append(_launch(f"seat_grad_kernel ({'fused loss' if fused else 'from saved attention'})", plan.grid,
+        if relay:
+            out.append(_torch_op("zero the relay flags", {"flags": 4 * (1 + plan.items)}, spec, dtype))
+        kind = "fused loss, relay" if relay else "fused loss" if fused else "from saved attention"
+        out.append(_launch(f"seat_grad_kernel ({kind})", plan.grid,
                            config, by, pass1 + step2, small, l2, plan.ctas, spec, dtype, note=note))
     sums = B * plan.slot_len * acc
     out.append(_launch("reduce_slots_kernel", (triton.cdiv(plan.slot_len, seat_plan.REDUCE_BLOCK), B),
@@ -316,8 +329,8 @@ def floor_bytes(op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dt
     }[op]
 
 
-def _plan(mode, B, M, P, N, C, dtype, spec) -> GradPlan:
-    return seat_plan.grad_plan(mode, B, M, P, N, C, dtype, spec, interpreter=False)
+def _plan(mode, B, M, P, N, C, dtype, spec, relay: bool = False) -> GradPlan:
+    return seat_plan.grad_plan(mode, B, M, P, N, C, dtype, spec, interpreter=False, relay=relay)
 
 
 def op_traffic(
@@ -325,7 +338,7 @@ def op_traffic(
     *, design: Optional[str] = None, rescale_skipped: bool = True, folded: bool = False, split_bn: bool = False,
 ) -> OpTraffic:
     """Launches, bytes, FLOPs and modeled time of one op on one GPU (a name in
-    san_fast.gpu_specs.GPUS or a GPUSpec). For fused_loss, `design` ("fused" or "two_pass")
+    san_fast.gpu_specs.GPUS or a GPUSpec). For fused_loss, `design` (LOSS_DESIGNS)
     overrides the launcher's choice (seat_plan.loss_design); `rescale_skipped=False` counts the
     dQ rescale that runs when the upstream gradients differ from the hint. `folded`: the
     BatchNorm-folded op (Q is then the conv output y, read the same way; the fold adds its
@@ -355,10 +368,11 @@ def op_traffic(
         used_design = design or seat_plan.loss_design(B, M, P, N, C, dtype, spec)
         if used_design not in LOSS_DESIGNS:
             raise ValueError(f"design={used_design!r}: expected one of {LOSS_DESIGNS}")
-        if used_design == "fused" and split_bn:
-            raise ValueError("split_bn: the fused design has no split backward (the ops use two_pass for it)")
-        if used_design == "fused":
-            launches += grad_launches(_plan(MODE_LOSS_IMAGE, B, M, P, N, C, dtype, spec), dtype, spec, folded)
+        if used_design != "two_pass" and split_bn:
+            raise ValueError(f"split_bn: the {used_design} design has no split backward (the ops use two_pass for it)")
+        if used_design != "two_pass":
+            plan = _plan(MODE_LOSS_IMAGE, B, M, P, N, C, dtype, spec, relay=used_design == "relay")
+            launches += grad_launches(plan, dtype, spec, folded)
             launches += _loss_glue(B, M, C, dtype, spec, fused=True)
             launches.append(rescale_launch(B, M, P, C, dtype, spec, skipped=rescale_skipped))
         else:

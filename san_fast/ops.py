@@ -67,7 +67,7 @@ from san_fast.op_inputs import check_inputs as _validate
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 CONSISTENCY_TARGETS = ("image", "rec_q")
-LOSS_DESIGNS = ("auto", "fused", "two_pass")
+LOSS_DESIGNS = ("auto", "fused", "relay", "two_pass")
 _as_rows = as_rows  # the name other modules (bench/step_trace.py) use
 __all__ = [
     "seat_reconstruct", "seat_reconstruct_loss", "seat_labels", "FoldedQ", "seat_reconstruct_reference",
@@ -195,6 +195,9 @@ def seat_reconstruct_loss(
       total loss loss_weights[0] * L_rec + loss_weights[1] * L_con. Other upstream gradients
       (other weights, a GradScaler's scale) stay exact: the backward rescales dQ in place (one
       more read and write of dQ), deciding on the device, without a host sync. Eager only.
+    - "relay": the same, in one launch where producer CTAs compute the forward of each row
+      block and hand it to the CTAs computing the gradients (Q read once from HBM, each of its
+      rows once more from L2). Eager only.
     - "two_pass": forward keeping the attention, then the exact backward (two reads of Q).
     - "auto": whichever the traffic model (san_fast.kernels.traffic) says is faster on this
       GPU; always "two_pass" under torch.compile.
@@ -232,7 +235,9 @@ def seat_reconstruct_loss(
     if _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "two_pass":
         rec_q, rec_t, _ = seat_autograd.SeatReconstructFunction.apply(rows, gamma3, w2, bias, True)
         return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(q))
-    out = seat_autograd.SeatFusedLossFunction.apply(rows, gamma3, w2, bias, x_rows, target_rec_q, h_rec, h_con)
+    relay = _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "relay"
+    out = seat_autograd.SeatFusedLossFunction.apply(rows, gamma3, w2, bias, x_rows, target_rec_q, h_rec, h_con,
+                                                    None, None, relay)
     return out[0], out[1]
 
 
@@ -270,12 +275,14 @@ def _folded(rows, gamma, weight, bias, affine):
 
 
 def _folded_loss(rows, gamma, weight, bias, x_rows, target_rec_q, hints, design, affine):
-    if _needs_grad(rows, gamma, weight, bias, x_rows, *affine) and \
-            _loss_design(design, rows, gamma.shape[1], weight.shape[0]) == "fused":
+    used = _loss_design(design, rows, gamma.shape[1], weight.shape[0]) if _needs_grad(
+        rows, gamma, weight, bias, x_rows, *affine) else "two_pass"
+    if used != "two_pass":
         from san_fast.kernels.seat_autograd import SeatFusedLossFunction
 
         g_s, w_s, values, bias_f, lb = folded_operands(*affine, gamma, weight, bias, loss_dtype(rows))
-        out = SeatFusedLossFunction.apply(rows, g_s, w_s, bias_f, x_rows, target_rec_q, *hints, values, lb)
+        out = SeatFusedLossFunction.apply(rows, g_s, w_s, bias_f, x_rows, target_rec_q, *hints, values, lb,
+                                          used == "relay")
         return out[0], out[1]
     rec_q, rec_t, _ = _folded(rows, gamma, weight, bias, affine)
     return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
@@ -295,8 +302,8 @@ def _needs_grad(*tensors) -> bool:
 
 def _loss_design(design: str, rows: torch.Tensor, n: int, c: int) -> str:
     compiling = torch.compiler.is_compiling()
-    if design == "fused" and compiling:
-        raise ValueError("design='fused' cannot run under torch.compile: its in-place dQ rescale would be "
+    if design in ("fused", "relay") and compiling:
+        raise ValueError(f"design={design!r} cannot run under torch.compile: its in-place dQ rescale would be "
                          "functionalized into a copy of dQ; use design='auto' or 'two_pass'")
     if design != "auto":
         return design

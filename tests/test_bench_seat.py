@@ -18,6 +18,10 @@ def test_cases_cover_every_variant_at_the_paper_shape_only():
     # BatchNorm's backward inside the SEAT kernels against the fold's autograd path and torch.
     assert [v for v, m in paper if m == "bnloss"] == ["triton", "fold", "eager"]
     assert paper[-3:] == [("compiled", m) for m in ("fwd", "fwdbwd", "loss")]  # compiles last
+    # The loss's designs side by side: the launcher's choice, then each forced.
+    at = paper.index(("triton", "loss"))
+    assert paper[at:at + 3] == [("triton", "loss"), ("fused", "loss"), ("relay", "loss")]
+    assert [v for v, _ in paper].count("relay") == 1 and ("relay", "loss") in sm.cases("tiny", torch.device("cpu"))
     fig = sm.traffic_figures(sm.PAPER, "bnloss", "triton", "H100")
     assert fig["modeled_bytes"] > sm.traffic_figures(sm.PAPER, "loss", "triton", "H100")["modeled_bytes"]
 
@@ -72,3 +76,23 @@ def test_graph_replay_times_a_captured_op_on_the_gpu():
     q = torch.randn(2, 64, 64, device="cuda")
     timing = graph_ms(lambda: q * 2 + 1, q.device, warmup_ms=2, rep_ms=5)
     assert timing["ms"] > 0 and timing["runs"] >= 1
+
+
+@pytest.mark.parametrize("design", ["fused", "relay"])
+def test_forced_design_rows_run_and_model_their_design(design):
+    """The `fused` and `relay` rows run ops.seat_reconstruct_loss with that design, and carry
+    the traffic model's bytes for it (not the launcher's choice) and the paper shape's targets."""
+    s = sm.PAPER
+    op = sm.loss_fn(design)
+    assert op.keywords == {"impl": "triton", "design": design}
+    want = traffic.op_traffic("fused_loss", s.B, s.M, s.P, s.N, s.C, s.dtype, gpu="H100", design=design)
+    assert sm.traffic_figures(s, "loss", design, "H100")["modeled_bytes"] == int(want.total_bytes)
+    assert sm.target_fields("paper", design, "loss", 0.4, 0.01)["target_met"] is True
+    assert design in sm.TRITON_VARIANTS and design in sm.VARIANTS
+
+
+def test_the_relay_and_fused_rows_differ_in_modeled_bytes():
+    """Each forced row models its own design, not one for both: the relay design's producers
+    write the attention that its gradient CTAs read back, traffic the fused design has not."""
+    figs = {d: sm.traffic_figures(sm.PAPER, "loss", d, "H100")["modeled_bytes"] for d in ("fused", "relay")}
+    assert figs["fused"] != figs["relay"]

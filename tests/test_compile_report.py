@@ -66,10 +66,10 @@ MEASURED_SPILLS = {("backward", 90, 64): 96, ("backward", 80, 64): 360, ("backwa
 
 def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):
     """Every config a launcher can pick at N <= 64 compiles for sm80 and sm90 bf16 without
-    register spills (issue 8), except the measured ones above. The fused loss's kernel at
-    N = 64 spills on sm80 at every tile tried, so the launcher runs two_pass there
+    register spills (issue 8), except the measured ones above. The fused design's kernel at
+    N = 64 spills on sm80 at every tile tried, so the launcher never runs it there
     (seat_plan.FUSED_LOSS_MAX_BLOCK_N): those rows are compiled and reported but marked not
-    chosen."""
+    chosen. The relay design's rows (loss_relay*) are chosen at every N."""
     proc, report = _run(tmp_path, "--arch", "90", "80", "--dtype", "bf16", "--n", "27", "64")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = report["rows"]
@@ -80,17 +80,19 @@ def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):
     assert {(r["kind"], r["n"]) for r in rows if not r["chosen"]} == {("loss_image", 64), ("loss_rec_q", 64)}
     for r in chosen:
         assert r["spill_bytes"] <= MEASURED_SPILLS.get((r["kind"], r["arch"], r["n"]), 0), r
-    assert "not chosen: the launcher runs two_pass" in proc.stdout
+    assert "not chosen: the launcher never runs the fused design" in proc.stdout
 
 
 def test_the_launcher_never_picks_an_unchosen_fused_loss():
-    """The rows marked not chosen are the fused loss where loss_design always says two_pass; at
-    N <= 32 it still picks fused where the traffic model says so (small P)."""
+    """The rows marked not chosen are the fused design where loss_design never picks it; at
+    N <= 32 it still picks fused where the traffic model says so (small P), elsewhere relay or
+    two_pass."""
     shapes = ((1, 1024, 64), (16, 4096, 128), (16, 4096, 256), (16, 16384, 1024))
     for n in (6, 27, 32, 33, 64, 256):
         designs = {seat_plan.loss_design(b, m, p, n, 3, torch.bfloat16, GPUS["H100"]) for b, m, p in shapes}
-        assert designs == ({"fused", "two_pass"} if n <= 32 else {"two_pass"}), (n, designs)
+        assert ("fused" in designs) == (n in (6, 27)) and designs <= {"fused", "relay", "two_pass"}, (n, designs)
         assert compile_report._chosen("loss_image", n) == (n <= 32)
+        assert compile_report._chosen("loss_relay", n)
         assert compile_report._chosen("backward", n)
 
 

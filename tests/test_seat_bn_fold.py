@@ -100,7 +100,7 @@ def compare(op, dtype, seed=0, p=P):
         check(f"{op} {name}", got[name], ref[name], low[name], dtype)
 
 
-OPS = ["reconstruct", "loss:two_pass", "loss:fused"]
+OPS = ["reconstruct", "loss:two_pass", "loss:fused", "loss:relay"]
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -137,7 +137,7 @@ def _stats_of(y, bn_w, bn_b):
     return BatchStats(mean, var, bn_w, bn_b, 1e-5)
 
 
-@pytest.mark.parametrize("design,split", [("two_pass", True), ("fused", False)])
+@pytest.mark.parametrize("design,split", [("two_pass", True), ("fused", False), ("relay", False)])
 def test_ops_route_batch_stats(monkeypatch, design, split):
     """Two-pass: the split Function; fused (eager): the given statistics attached to q, the fold's
     (scale, shift) path; torch: the reference on BN(q). All give BatchNorm's gradients."""

@@ -150,13 +150,13 @@ def run_forward(n, cfg, dtype, shape=SMALL, seed=0, layout="rows"):
     assert ((labels >= 0) & (labels < n)).all() and (logits.amax(-1) - picked <= tol).all()
 
 
-def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows", hints=(0.7, 1.3)):
+def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows", hints=(0.7, 1.3), relay=False):
     B, M, P, C = shape["B"], shape["M"], shape["P"], shape["C"]
     q, gamma, weight, bias, x, grq, grt = inputs(B, M, P, n, C, dtype, seed, layout)
     plan = seat_plan.grad_plan(mode, B, M, P, n, C, dtype, H100, block_m=tile[0], block_p2=tile[1],
                                p_range=min(shape["p_range"], tile[1]), ctas_per_range=shape["runs"],
-                               interpreter=False)
-    assert plan.k > 1 and plan.ctas_per_range == shape["runs"], plan
+                               interpreter=False, relay=relay)
+    assert plan.k > 1 and plan.ctas_per_range == shape["runs"] and plan.relay == relay, plan
     poisoned = dict(plan=plan, config=cfg, dq=torch.full_like(q, NAN), workspace_fill=NAN)
     if mode == MODE_GRADS:
         attn = reference_forward(q, gamma, weight, None, torch.float64)[2].to(dtype)

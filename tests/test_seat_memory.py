@@ -63,7 +63,8 @@ def _case(name, params, x):
 
 
 CASES = ["reconstruct", "reconstruct_rec_q_only", "folded", "batchnorm",
-         "loss:fused:rec+con", "loss:fused:rec", "loss:fused:con", "loss:two_pass:rec+con"]
+         "loss:fused:rec+con", "loss:fused:rec", "loss:fused:con", "loss:relay:rec+con", "loss:relay:con",
+         "loss:two_pass:rec+con"]
 
 
 def _zero_fills(name: str) -> list[tuple[str, int]]:
@@ -101,7 +102,7 @@ def test_the_watch_sees_a_materialized_zeros():
     assert any(n >= B * H * W * N * 4 for n in fills)
 
 
-@pytest.mark.parametrize("design", ["fused", "two_pass"])
+@pytest.mark.parametrize("design", ["fused", "relay", "two_pass"])
 @pytest.mark.parametrize("term", ["rec", "con"])
 def test_one_loss_term_gradients_match_reference(design, term):
     """With one loss term unused its gradient arrives as None: the gradients are still exact."""

@@ -159,6 +159,8 @@ LOSS_NAMES = ("l_rec", "l_con", "dq", "dgamma", "dweight", "dbias", "dx")
         # A hint without the rec loss: target x recovers its dW from u^T q, not from dW / h_rec.
         ("n27_c8_rows", torch.float32, (2.0, 1.0), (0.0, 1.0), "fused"),
         ("n27_c8_rows", torch.float32, (0.5, 2.0), (1.0, 1.0), "two_pass"),
+        ("n27_c8_rows", torch.float32, (0.5, 2.0), (1.0, 1.0), "relay"),  # rescale pass
+        ("n100_c3_nchw", torch.float16, (1.0, 1.0), (1.0, 1.0), "relay"),  # rescale skipped
         ("n2_c1_rows", torch.float16, (1.0, 0.25), (1.0, 0.25), "fused"),
         ("n256_c3_rows", torch.float16, (1.0, 1.0), (1.0, 1.0), "auto"),
         ("n5_c3_channels_last_nobias", torch.float16, (2.0, 1.0), (1.0, 1.0), "two_pass"),
@@ -201,7 +203,7 @@ def test_loss_without_grad_matches():
         assert rel_err(g, r) < FP32_TOL
 
 
-@pytest.mark.parametrize("design", ["fused", "two_pass"])
+@pytest.mark.parametrize("design", ["fused", "relay", "two_pass"])
 def test_loss_backward_twice_with_retain_graph(design):
     """Backwards through the same graph with other upstream gradients (one loss alone, then
     both, as gradient balancing does) stay exact: the fused loss rescales in place the first

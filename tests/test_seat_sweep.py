@@ -66,15 +66,52 @@ def test_register_caps_run_against_the_same_tile_uncapped(on_cpu, monkeypatch):
     assert not any(r["chosen_now"] for r in rows[1:])
 
 
-def test_loss_sweep_times_the_fused_tiles_beside_the_two_pass_design(on_cpu, monkeypatch):
-    """The fused loss's candidates (here one tile, one config, T and 2T) and the two-pass
-    design once, each with the model's time beside the measured one."""
+def test_loss_sweep_times_the_relay_and_fused_tiles_beside_the_two_pass_design(on_cpu, monkeypatch):
+    """The loss's three designs: the two-pass design once, the relay design's candidates (here
+    two tiles, the planner's first, one config each, each tile as the planner plans it), then
+    the fused loss's (here one tile, one config, T and 2T), each with the model's time beside
+    the measured one."""
+    from san_fast.kernels import seat_plan
+
     monkeypatch.setattr(seat_sweep, "LOSS_TILES", [(64, 64)])
     monkeypatch.setattr(seat_sweep, "LOSS_CONFIGS", [(64, 64, 4, 1)])
+    # N = 6 is bucket 32; the planner's (the interpreter's) 64 x 64 listed second.
+    monkeypatch.setitem(seat_plan.GRAD_TILES["relay"], 32, [(64, 128), (64, 64)])
     rows: list = []
     shape = replace(TINY, M=32 * 32)
-    seat_sweep.sweep_loss(shape, time.monotonic() + 120, rows)
+    seat_sweep.sweep_loss(shape, time.monotonic() + 180, rows)
     assert all("error" not in r and r["ms"] > 0 and r["modeled_ms"] > 0 for r in rows), rows
-    assert [r["kind"] for r in rows] == ["loss_two_pass", "loss", "loss"]
-    assert rows[2]["t"] == 2 * rows[1]["t"] and rows[1]["ctas"] == rows[1]["k"] * rows[1]["t"]
-    assert rows[1]["chosen_now"]  # the interpreter's plan: the 64 x 64 tile, one CTA per (4) SM
+    assert [r["kind"] for r in rows] == ["loss_two_pass", "loss_relay", "loss_relay", "loss", "loss"]
+    relay, fused = rows[1:3], rows[3:]
+    assert [(r["block_m"], r["block_p2"]) for r in relay] == [(64, 64), (64, 128)]
+    for r in relay:
+        assert r["producers"] > 0 and r["ctas"] == (r["k"] + r["producers"]) * r["t"]
+        gpu = seat_plan.grad_configs(seat_plan.MODE_LOSS_IMAGE, 16, r["block_p2"], interpreter=False, relay=True)
+        # A GPU's config, not the interpreter's: what the sweep measures is what a GPU would run.
+        assert [(r["block_p"], r["block_pd"], r["warps"], r["stages"])] == [
+            (c.kwargs["BLOCK_P"], c.kwargs["BLOCK_PD"], c.num_warps, c.num_stages) for c in gpu]
+    assert fused[1]["t"] == 2 * fused[0]["t"] and fused[0]["ctas"] == fused[0]["k"] * fused[0]["t"]
+    assert fused[0]["chosen_now"]  # the interpreter's plan: the 64 x 64 tile, one CTA per (4) SM
+
+
+def test_loss_sweep_stops_at_its_deadline(on_cpu):
+    """A spent budget still times the two-pass design, and no candidate after it."""
+    rows: list = []
+    seat_sweep.sweep_loss(replace(TINY, M=32 * 32), time.monotonic() - 1, rows)
+    assert [r["kind"] for r in rows] == ["loss_two_pass"]
+
+
+def test_relay_sweep_also_times_k_producers_at_the_paper_shape():
+    """On an H100 at the paper shape: every relay tile as planned, then the planner's plan with
+    K producers per run (one wave of CTAs), which the model cannot price against K / 2."""
+    from san_fast.gpu_specs import GPUS
+    from san_fast.kernels import seat_plan
+
+    spec = GPUS["H100"]
+    chosen, plans = seat_sweep.relay_plans(seat_sweep.PAPER, spec)
+    tiles = seat_plan.grad_tiles(seat_plan.MODE_LOSS_IMAGE, 27, 3, True, relay=True)
+    assert plans[0] == chosen and len(plans) == len(tiles) + 1
+    extra = plans[-1]
+    assert (extra.producers, extra.block_m, extra.k) == (chosen.k, chosen.block_m, chosen.k) and chosen.producers < chosen.k
+    assert extra.ctas <= spec.sms * seat_plan.ctas_per_sm("relay", 32) < extra.ctas + 2 * chosen.k
+

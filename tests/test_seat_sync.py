@@ -64,7 +64,7 @@ def every_op(dtype=torch.float32, inputs=None):
     q, gamma, weight, bias, x = inputs if inputs is not None else _inputs(dtype=dtype)
     rec_q, rec_t = ops.seat_reconstruct(q, gamma, weight, bias, impl="triton")
     torch.autograd.backward((rec_q, rec_t), (torch.ones_like(rec_q), torch.ones_like(rec_t)))
-    for design in ("fused", "two_pass"):
+    for design in ("fused", "relay", "two_pass"):
         l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design=design)
         # Upstream gradients other than the hint: the fused loss rescales dQ in place, then
         # recomputes it for the second backward through the same graph.
