@@ -151,9 +151,9 @@ def seat_grad_kernel(
             )
         elif PRODUCERS > 0:
             attn, gt, gu = relayed_rows(
-                attn_ptr + b * M * N, rq_ptr + b * M * C, rt_ptr + b * M * C, ga_ptr + b * stride_ab, flags_ptr + 1 + it,
-                rows, rows_ok, ns, n_ok, chan, chan_ok, low, N, C, h_rec, h_con, stride_am, stride_ac, MODE, ACC, OFFS64,
-                U_SUMS, SPIN_ASM,
+                attn_ptr + b * M * N, rq_ptr + b * M * C, rt_ptr + b * M * C, ga_ptr + b * stride_ab,
+                flags_ptr + 1 + it, rows, rows_ok, ns, n_ok, chan, chan_ok, low, N, C, h_rec, h_con, stride_am,
+                stride_ac, MODE, ACC, OFFS64, U_SUMS, SPIN_ASM,
             )
         else:
             attn, gt, gu = fused_loss_rows(

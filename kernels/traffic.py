@@ -241,7 +241,8 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
         pass1 = passes1 * 2 * bm * p_pad * (bn + bc)
         small += passes1 * 2 * bm * bn * bc  # rec_t = a V
     config = {"BLOCK_M": bm, "BLOCK_P2": plan.block_p2, "P range": plan.p_range, "K": k,
-              "T": plan.ctas_per_range, **({"producers": plan.producers} if relay else {}), "slots used": used, "autotuned over": [common.config_label(c) for c in tunes]}
+              "T": plan.ctas_per_range, **({"producers": plan.producers} if relay else {}), "slots used": used,
+              "autotuned over": [common.config_label(c) for c in tunes]}
     note = (f"rows shared through L2 (reuse distance {window / 2**20:.1f} MiB)" if shared else
             f"rows NOT shared through L2 (reuse distance {window / 2**20:.1f} MiB)")
     out = _operand_casts(B, N, P, C, dtype, spec, folded=folded)  # launch_grad casts gamma, W (and builds V)

@@ -68,6 +68,7 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 CONSISTENCY_TARGETS = ("image", "rec_q")
 LOSS_DESIGNS = ("auto", "fused", "relay", "two_pass")
+LOSS_DESIGN_ENV = "SAN_FAST_LOSS_DESIGN"
 _as_rows = as_rows  # the name other modules (bench/step_trace.py) use
 __all__ = [
     "seat_reconstruct", "seat_reconstruct_loss", "seat_labels", "FoldedQ", "seat_reconstruct_reference",
@@ -200,7 +201,8 @@ def seat_reconstruct_loss(
       rows once more from L2). Eager only.
     - "two_pass": forward keeping the attention, then the exact backward (two reads of Q).
     - "auto": whichever the traffic model (san_fast.kernels.traffic) says is faster on this
-      GPU; always "two_pass" under torch.compile.
+      GPU, or the design the environment variable SAN_FAST_LOSS_DESIGN names; always
+      "two_pass" under torch.compile.
     """
     if consistency_target not in CONSISTENCY_TARGETS:
         raise ValueError(f"consistency_target={consistency_target!r}: expected 'image' or 'rec_q'")
@@ -309,6 +311,13 @@ def _loss_design(design: str, rows: torch.Tensor, n: int, c: int) -> str:
         return design
     if compiling:
         return "two_pass"
+    # An override of the model's choice for design="auto" in eager, as timm's and dinov2's
+    # attention backends take one: to run a design the model does not pick, or to set one aside.
+    forced = os.environ.get(LOSS_DESIGN_ENV, "auto")
+    if forced not in LOSS_DESIGNS:
+        raise ValueError(f"{LOSS_DESIGN_ENV}={forced!r}: expected one of {LOSS_DESIGNS}")
+    if forced != "auto":
+        return forced
     from san_fast.kernels import seat_plan
 
     bsz, m, p = rows.shape

@@ -22,13 +22,14 @@ RELAY_MODES = (MODE_LOSS_IMAGE, MODE_LOSS_REC_Q)
 
 def relay_cases(on_gpu=False):
     """Every relay tile with target x; with target rec_q (the same code but for the residuals)
-    the first tile per N (on a GPU at N = 27 only, to keep its compiles few). Under the
-    interpreter one config per distinct BLOCK_P / BLOCK_PD."""
+    the first tile per N. On a GPU, to keep its compiles few within the check's test stage,
+    the first tile per N, and target rec_q at N = 27 only. Under the interpreter one config
+    per distinct BLOCK_P / BLOCK_PD."""
     for mode in RELAY_MODES:
         for n in NS if mode == MODE_LOSS_IMAGE or not on_gpu else (27,):
             bn = seat_common.block_n(n)
             tiles = seat_plan.grad_tiles(mode, n, SMALL["C"], relay=True)
-            for tile in tiles if mode == MODE_LOSS_IMAGE else tiles[:1]:
+            for tile in tiles if mode == MODE_LOSS_IMAGE and not on_gpu else tiles[:1]:
                 configs = seat_plan.grad_configs(mode, bn, tile[1], interpreter=False, relay=True)
                 seen = set()
                 for cfg in configs:
@@ -122,3 +123,37 @@ def test_relay_paper_shape_gpu(mode):
     for name, g, r, low in zip(("rec_q", "rec_t", "dq", "dgamma", "dweight", "dweight_u"), got, refs, lows):
         check(name, g, r, low, dtype)
 
+
+
+@pytest.mark.parametrize("forced", ["relay", "fused", "two_pass"])
+def test_environment_names_the_auto_design(monkeypatch, forced):
+    """SAN_FAST_LOSS_DESIGN overrides the model's pick for design="auto" (eager), and the op
+    then runs that design: the relay and fused designs through the one-launch Function, relay
+    flagged."""
+    from san_fast import ops
+    from san_fast.kernels import seat_autograd
+
+    calls = []
+    original = seat_autograd.seat_fused_loss
+    monkeypatch.setattr(seat_autograd, "seat_fused_loss",
+                        lambda *a, **kw: calls.append(kw["relay"]) or original(*a, **kw))
+    monkeypatch.setenv(ops.LOSS_DESIGN_ENV, forced)
+    q, gamma, weight, bias, x, *_ = inputs(2, 40, 48, 5, 3, torch.float32, seed=8)
+    leaves = [t.requires_grad_() for t in (q, gamma, weight, bias)]
+    l_rec, l_con = ops.seat_reconstruct_loss(*leaves, x, impl="triton")
+    (l_rec + l_con).backward()
+    assert calls == ([] if forced == "two_pass" else [forced == "relay"])
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    r_rec, r_con = ops.seat_reconstruct_loss(*refs, x.double(), impl="torch")
+    (r_rec + r_con).backward()
+    for got, want in zip(leaves, refs):
+        assert ((got.grad.double() - want.grad).norm() / want.grad.norm()).item() < 1e-4
+
+
+def test_environment_design_must_be_known(monkeypatch):
+    from san_fast import ops
+
+    monkeypatch.setenv(ops.LOSS_DESIGN_ENV, "three_pass")
+    q, gamma, weight, bias, x, *_ = inputs(1, 16, 32, 5, 3, torch.float32, seed=9)
+    with pytest.raises(ValueError, match="SAN_FAST_LOSS_DESIGN='three_pass'"):
+        ops.seat_reconstruct_loss(q.requires_grad_(), gamma, weight, bias, x, impl="triton")

@@ -112,6 +112,7 @@ def test_relay_sweep_also_times_k_producers_at_the_paper_shape():
     tiles = seat_plan.grad_tiles(seat_plan.MODE_LOSS_IMAGE, 27, 3, True, relay=True)
     assert plans[0] == chosen and len(plans) == len(tiles) + 1
     extra = plans[-1]
-    assert (extra.producers, extra.block_m, extra.k) == (chosen.k, chosen.block_m, chosen.k) and chosen.producers < chosen.k
+    assert (extra.producers, extra.block_m, extra.k) == (chosen.k, chosen.block_m, chosen.k)
+    assert chosen.producers < chosen.k
     assert extra.ctas <= spec.sms * seat_plan.ctas_per_sm("relay", 32) < extra.ctas + 2 * chosen.k
 
