@@ -111,28 +111,20 @@ def _launches(kind: str, dtype: torch.dtype, n: int, arch: int = 90) -> list[_La
             seat_backward.MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad, grad_rec_t=grad,
             launch=launch, **(dict(split[kind], **folded) if kind in split else {}),
         )
-    elif kind in ("loss_image", "loss_rec_q"):
+    elif kind in ("loss_image", "loss_rec_q", "loss_relay", "loss_relay_rec_q"):
         x = torch.randn(b, m, c, generator=gen, dtype=master)
-        mode = seat_plan.MODE_LOSS_REC_Q if kind == "loss_rec_q" else seat_plan.MODE_LOSS_IMAGE
+        target_rec_q, relay = kind.endswith("rec_q"), kind.startswith("loss_relay")
+        mode = seat_plan.MODE_LOSS_REC_Q if target_rec_q else seat_plan.MODE_LOSS_IMAGE
         spec = seat_plan.device_spec(q.device)
-        for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80):  # every tile the planner may pick there
+        # every tile the planner may pick there
+        for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80, relay=relay):
             # A wide range is planned only where every range is full (EVEN_P): compiled so.
             wide = seat_plan.wide_range(bm, p2)
             pt = p2 if wide else p
             qt, gt, wt = (torch.randn(*t.shape[:-1], pt, generator=gen).to(t.dtype) for t in (q, gamma, weight))
             plan = seat_plan.grad_plan(mode, b, m, pt, n, c, dtype, spec, block_m=bm, block_p2=p2,
-                                       p_range=p2 if wide else None, interpreter=False)
-            seat_fused_loss.seat_fused_loss(qt, gt, wt, bias, x, kind == "loss_rec_q", 1.0, 1.0,
-                                            launch=launch, plan=plan)
-    elif kind in ("loss_relay", "loss_relay_rec_q"):
-        x = torch.randn(b, m, c, generator=gen, dtype=master)
-        mode = seat_plan.MODE_LOSS_REC_Q if kind == "loss_relay_rec_q" else seat_plan.MODE_LOSS_IMAGE
-        spec = seat_plan.device_spec(q.device)
-        for bm, p2 in seat_plan.grad_tiles(mode, n, c, arch >= 80, relay=True):
-            plan = seat_plan.grad_plan(mode, b, m, p, n, c, dtype, spec, block_m=bm, block_p2=p2, interpreter=False,
-                                       relay=True)
-            seat_fused_loss.seat_fused_loss(q, gamma, weight, bias, x, kind == "loss_relay_rec_q", 1.0, 1.0,
-                                            launch=launch, plan=plan)
+                                       p_range=p2 if wide else None, interpreter=False, relay=relay)
+            seat_fused_loss.seat_fused_loss(qt, gt, wt, bias, x, target_rec_q, 1.0, 1.0, launch=launch, plan=plan)
     elif kind == "rescale":
         u = torch.randn(b, m, c, generator=gen, dtype=master)
         coef = torch.ones(2, dtype=master)

@@ -126,9 +126,10 @@ def seat_grad_kernel(
     n_rb = tl.cdiv(M, BLOCK_M)
     items = tl.cast(B, tl.int64) * n_rb
     start = c * items // T_J
-    end = (c + 1) * items // T_J
+    run_end = (c + 1) * items // T_J
+    end = run_end
     if PRODUCERS > 0:  # a producer runs no row block as a gradient CTA
-        end = tl.where(j < 0, start, end)
+        end = tl.where(j < 0, start, run_end)
     # Transposed (range x N): as the M dimension of the dots the range width (>= 64) lets
     # Hopper use wgmma with its operands in shared memory rather than registers.
     acc_g = tl.zeros((BLOCK_P2, BLOCK_N), ACC)
@@ -215,7 +216,7 @@ def seat_grad_kernel(
 
     if PRODUCERS > 0:
         # After the gradient loop, so that nothing of it is live here: a CTA is one or the other.
-        p_end = tl.where(j < 0, (c + 1) * items // T_J, start)
+        p_end = tl.where(j < 0, run_end, start)
         for it in range(start + j + PRODUCERS, p_end, PRODUCERS):
             b = it // n_rb
             rows = (it - b * n_rb).to(tl.int32) * BLOCK_M + ms
@@ -282,6 +283,7 @@ def launch_grad(
     logit_bias: Optional[torch.Tensor] = None,
     with_dq: bool = True,
     dq_affine: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    relay: bool = False,
 ):
     """Run the gradient kernel and the slot reduction; returns dq, dGamma_direct (B,N,P),
     dW_direct (C,P), dW_u (C,P; fused modes, else None), S (B,N,C), in the fused modes rec_q and
@@ -293,6 +295,8 @@ def launch_grad(
     and `logit_bias` (B,N) enters the logits as tau (q Gamma^T + lb) (the BatchNorm fold). `plan` (seat_plan.grad_plan) fixes the grid and tiles, `config` one
     autotune candidate; `dq` and `workspace_fill` (e.g. NaN) let tests check that every element
     of the outputs and of the used workspace is written.
+
+    `relay` (fused modes, without `plan`): plan the relay design (seat_grad_kernel's PRODUCERS).
 
     MODE_GRADS only: `with_dq=False` computes the sums alone (dq comes back None);
     `dq_affine=(alpha, beta)`, two (P,) tensors, computes dq alone, written as
@@ -320,7 +324,7 @@ def launch_grad(
     if dq_affine is not None:
         alpha, beta = (common.check_small(name, t, (p,), q, acc) for name, t in zip(("alpha", "beta"), dq_affine))
     if plan is None:
-        plan = seat_plan.grad_plan(mode, bsz, m, p, n, c, q.dtype, seat_plan.device_spec(q.device))
+        plan = seat_plan.grad_plan(mode, bsz, m, p, n, c, q.dtype, seat_plan.device_spec(q.device), relay=relay)
     _check_plan(plan, mode, shape)
     if values is None:
         values = values_matrix(gamma, weight, acc)

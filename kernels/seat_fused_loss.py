@@ -98,13 +98,9 @@ def seat_fused_loss(
     the direct terms and dValues_pre (B,N,C) is returned instead. d_logit_bias_pre (B,N) only
     with `logit_bias`. All "_pre" gradients are for the hint, like dGamma_pre."""
     mode = MODE_LOSS_REC_Q if target_rec_q else MODE_LOSS_IMAGE
-    if plan is None and relay:
-        bsz, m, p = q.shape
-        plan = seat_plan.grad_plan(mode, bsz, m, p, gamma.shape[1], weight.shape[0], q.dtype,
-                                   seat_plan.device_spec(q.device), relay=True)
     dq, d_gamma, d_w, d_wu, s, rec_q, rec_t, d_lb = launch_grad(
         mode, q, gamma, weight, bias, x=x, h_rec=h_rec, h_con=h_con, launch=launch, plan=plan, config=config,
-        dq=dq, workspace_fill=workspace_fill, values=values, logit_bias=logit_bias,
+        dq=dq, workspace_fill=workspace_fill, values=values, logit_bias=logit_bias, relay=relay,
     )
     if values is None:
         d_gamma, d_w = combine_through_values(d_gamma, d_w, s, gamma, weight)

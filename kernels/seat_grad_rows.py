@@ -62,6 +62,16 @@ def loss_grads(rec_q, rec_t, x_img, rows, rows_ok, chan, chan_ok, low, h_rec, h_
 
 
 @triton.jit
+def store_rec_rows(rq_img, rt_img, rec_q, rec_t, rows, rows_ok, cs, chan_ok, low, C, OFFS64: tl.constexpr):
+    """rec_q, rec_t of a row block into the image's (M, C) ACC buffers: the low half of the
+    columns (the fused loss repeats the C channels in both halves)."""
+    out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
+    out_ok = rows_ok[:, None] & chan_ok[None, :] & low[None, :]
+    tl.store(rq_img + out_offs, rec_q, mask=out_ok)
+    tl.store(rt_img + out_offs, rec_t, mask=out_ok)
+
+
+@triton.jit
 def fused_loss_rows(
     q_img, gamma_ptr, w_ptr, v_blk, bias_ptr, lb_ptr, x_img, rq_ptr, rt_ptr, b, rows, rows_ok, ns, n_ok, cs, chan,
     chan_ok,
@@ -79,10 +89,7 @@ def fused_loss_rows(
         stride_qm, stride_qp, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C, BLOCK_P,
     )
     if store_rec:
-        out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
-        out_ok = rows_ok[:, None] & chan_ok[None, :] & low[None, :]
-        tl.store(rq_ptr + b * M * C + out_offs, rec_q, mask=out_ok)
-        tl.store(rt_ptr + b * M * C + out_offs, rec_t, mask=out_ok)
+        store_rec_rows(rq_ptr + b * M * C, rt_ptr + b * M * C, rec_q, rec_t, rows, rows_ok, cs, chan_ok, low, C, OFFS64)
     gt, gu = loss_grads(rec_q, rec_t, x_img, rows, rows_ok, chan, chan_ok, low, h_rec, h_con, stride_xm, stride_xc,
                         MODE, ACC, OFFS64, U_SUMS)
     return attn, gt, gu
@@ -106,10 +113,7 @@ def relay_publish(
     )
     tl.store(attn_img + tile_offsets(rows, ns, N, 1, OFFS64), attn.to(attn_img.dtype.element_ty),
              mask=rows_ok[:, None] & n_ok[None, :])
-    out_offs = tile_offsets(rows, cs, C, 1, OFFS64)
-    out_ok = rows_ok[:, None] & chan_ok[None, :] & low[None, :]
-    tl.store(rq_img + out_offs, rec_q, mask=out_ok)
-    tl.store(rt_img + out_offs, rec_t, mask=out_ok)
+    store_rec_rows(rq_img, rt_img, rec_q, rec_t, rows, rows_ok, cs, chan_ok, low, C, OFFS64)
     tl.debug_barrier()
     tl.atomic_xchg(flag_ptr, 1, sem="release", scope="gpu")
 

@@ -62,9 +62,9 @@ FORWARD_TRIPLES = {
 GRAD_TILES = {
     "backward": {32: [(64, 128)], 64: [(64, 128)], 128: [(32, 64)], 256: [(16, 64)]},
     "loss": {32: [(32, 64)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
-    # The relay design's gradient CTAs hold what the backward's do (its producers' pass over
-    # whole rows runs in other CTAs, in a branch of its own).
-    # Spill-free at N <= 64 for bf16 and fp16 on sm80 and sm90 with 8 warps (compile_report.py).
+    # The relay design's (its producers' pass over whole rows runs in other CTAs, in a branch of
+    # its own). Spill-free at N <= 64 for bf16 and fp16 on sm80 and sm90 with 8 warps
+    # (compile_report.py).
     "relay": {32: [(64, 128), (64, 64)], 64: [(32, 64)], 128: [(64, 64), (32, 128), (32, 64)],
               256: [(32, 64), (64, 64)]},
 }
@@ -316,16 +316,16 @@ class GradPlan:
         return total
 
 
-def _p_ranges(p: int, block_p2: int, sms: int, relay: bool = False) -> list[int]:
-    """Range widths for a tile: the full tile, and narrower multiples of 16 that make K (in the
-    relay design K and its producers) divide the SM count (every SM busy) while still fitting
-    the tile."""
+def _p_ranges(p: int, block_p2: int, sms: int, relay_slots: int = 0) -> list[int]:
+    """Range widths for a tile: the full tile, and narrower multiples of 16 that make K divide
+    the SM count (every SM busy) while still fitting the tile; with `relay_slots` (the relay
+    design's resident slots), K and its producers (relay_producers)."""
     widths = {min(block_p2, triton.cdiv(p, 16) * 16)}
     k0 = triton.cdiv(p, block_p2)
-    for k in range(k0 + 1, 2 * k0 + 2):
-        width = triton.cdiv(triton.cdiv(p, k), 16) * 16
+    for parts in range(k0 + 1, 2 * k0 + 2):
+        width = triton.cdiv(triton.cdiv(p, parts), 16) * 16
         k = triton.cdiv(p, width)
-        group = k + (relay_producers(k, sms) if relay else 0)
+        group = k + (relay_producers(k, relay_slots) if relay_slots else 0)
         if sms % group == 0 and width <= block_p2:
             widths.add(width)
     return sorted(widths, reverse=True)
@@ -344,16 +344,16 @@ def grad_plan_candidates(
         tiles = grad_tiles(mode, N, C, sm80, relay)
     if block_m is not None or block_p2 is not None:
         tiles = [(block_m or bm, block_p2 or p2) for bm, p2 in tiles[:1]]
+    resident = sms * ctas_per_sm(grad_kind(mode, relay), bn)
     plans = []
     for bm, p2 in tiles:
         if p_range is not None and block_p2 is None:
             p2 = max(16, triton.next_power_of_2(p_range))
-        widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms, relay)
+        widths = [p_range] if p_range is not None else _p_ranges(P, p2, sms, resident if relay else 0)
         if wide_range(bm, p2) and block_p2 is None:  # planned only where every range is full
             widths = [w for w in widths if even_ranges(P, w, p2)]
         for width in widths:
             k = triton.cdiv(P, width)
-            resident = sms * ctas_per_sm(grad_kind(mode, relay), bn)
             producers = relay_producers(k, resident) if relay else 0
             items = B * triton.cdiv(M, bm)
             if ctas_per_range is not None:

@@ -206,16 +206,17 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     by = {"Q read": q_bytes, "dQ write": q_bytes,
           "gamma, W, V": B * N * P * e + C * P * e + B * N * C * 4 + (B * N * 4 if folded and fused else 0)}
     relay = plan.relay
+    loss_rows = B * M * C * e + 2 * B * M * C * acc  # x in, rec_q and rec_t out
     if relay:  # producers read Q; each gradient CTA re-reads its range, and the relayed rows
-        attn, rows_in = B * M * N * e, 2 * B * M * C * acc + B * M * C * e  # rec_q, rec_t, x
+        attn = B * M * N * e
         by["Q re-read (HBM)"] = 0 if shared else q_bytes
         by["attention write"] = attn
         by["attention re-read (HBM)"] = 0 if shared else k * attn
-        by["per-row in/out"] = B * M * C * e + 2 * B * M * C * acc
-        row_l2 = 2 * q_bytes + attn + 2 * B * M * C * acc + k * (attn + rows_in)
+        by["per-row in/out"] = loss_rows
+        row_l2 = 2 * q_bytes + attn + 2 * B * M * C * acc + k * (attn + loss_rows)
     elif fused:
         by["Q re-read (HBM)"] = 0 if shared else k * q_bytes  # K - 1 other CTAs, plus step 2
-        by["per-row in/out"] = B * M * C * e + 2 * B * M * C * acc  # x in, rec_q and rec_t out
+        by["per-row in/out"] = loss_rows
         row_l2 = k * q_bytes + q_bytes + k * B * M * C * e
     else:
         attn, grads = B * M * N * e, 2 * B * M * C * e

@@ -234,12 +234,12 @@ def seat_reconstruct_loss(
         return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(q))
     from san_fast.kernels import seat_autograd
 
-    if _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "two_pass":
+    used = _loss_design(design, rows, gamma3.shape[1], w2.shape[0])
+    if used == "two_pass":
         rec_q, rec_t, _ = seat_autograd.SeatReconstructFunction.apply(rows, gamma3, w2, bias, True)
         return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(q))
-    relay = _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "relay"
     out = seat_autograd.SeatFusedLossFunction.apply(rows, gamma3, w2, bias, x_rows, target_rec_q, h_rec, h_con,
-                                                    None, None, relay)
+                                                    None, None, used == "relay")
     return out[0], out[1]
 
 

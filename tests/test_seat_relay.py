@@ -15,7 +15,7 @@ import pytest
 import torch
 from san_fast.kernels import seat_common, seat_plan
 from san_fast.kernels.seat_plan import MODE_LOSS_IMAGE, MODE_LOSS_REC_Q
-from test_seat_configs import H100, NS, SMALL, SMALL_GPU, _gpu, check, inputs, reference_loss, run_grad
+from test_seat_configs import H100, NS, SMALL, SMALL_GPU, _distinct, _gpu, check, inputs, reference_loss, run_grad
 
 RELAY_MODES = (MODE_LOSS_IMAGE, MODE_LOSS_REC_Q)
 
@@ -31,12 +31,7 @@ def relay_cases(on_gpu=False):
             tiles = seat_plan.grad_tiles(mode, n, SMALL["C"], relay=True)
             for tile in tiles if mode == MODE_LOSS_IMAGE and not on_gpu else tiles[:1]:
                 configs = seat_plan.grad_configs(mode, bn, tile[1], interpreter=False, relay=True)
-                seen = set()
-                for cfg in configs:
-                    key = (cfg.kwargs["BLOCK_P"], cfg.kwargs["BLOCK_PD"])
-                    if key in seen and not on_gpu:
-                        continue
-                    seen.add(key)
+                for cfg in _distinct(configs, ("BLOCK_P", "BLOCK_PD"), on_gpu):
                     label = f"mode{mode}-N{n}-M{tile[0]}-P2{tile[1]}-{seat_common.config_label(cfg)}"
                     yield pytest.param(mode, n, tile, cfg, id=label)
 
