@@ -4,7 +4,7 @@ thing, speed and memory, against the traffic model and the floor (issue 8, line 
 Variants: `triton` (san_fast.ops, impl="triton"; in mode `loss` the design the launcher picks,
 seat_plan.loss_design, which the traffic model makes relay at most shapes, the paper shape
 included), `eager` (the plain PyTorch reference), `fused` and `relay` (paper and tiny shapes,
-mode `loss` only: impl="triton" with design="fused", the one-pass fused loss, or design="relay",
+mode `loss`, and `relay` in mode `bnloss`: impl="triton" with design="fused", the one-pass fused loss, or design="relay",
 whose producer CTAs hand the forward to the gradient CTAs, whatever the launcher would pick
 there: the model's choice among the designs rests on an assumed L2 rate that these rows, beside
 bench/seat_sweep.py's two-pass row, measure), `compiled` (torch.compile of the reference; GPU
@@ -14,8 +14,10 @@ Modes: `fwd`, `fwdbwd` (forward + backward of both reconstructions), `loss` (L_r
 their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax),
 `bnloss` (paper and tiny shapes: the loss on Q = BatchNorm(q) in training mode, gradients of q
 through the batch statistics included: `triton` the split BatchNorm backward,
-kernels/seat_bn_split.py; `fold` the fold's autograd path, whose backward ends in an elementwise
-pass over q and dq; `eager` torch's batch_norm, then the reference), `moments` (paper and tiny
+kernels/seat_bn_split.py, the design the launcher picks there at the paper shape; `relay` the
+relay design with the statistics' backward as its own elementwise pass, which the model prices
+slower (seat_plan.loss_design's bn_stats); `fold` the fold's autograd path on (scale, shift),
+whose backward ends in an elementwise pass over q and dq; `eager` torch's batch_norm, then the reference), `moments` (paper and tiny
 shapes: BatchNorm's per-channel statistics of q, as the fold takes them each step: `triton`
 kernels/channel_moments.py, `stats` torch.batch_norm_stats (CUDA only), `eager` var_mean in fp32).
 
@@ -97,7 +99,8 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
     out = [(v, m) for v in ("triton", "eager", "sdpa") for m in ops_modes if (v, m) != ("sdpa", "loss")]
     at = out.index(("triton", "loss")) + 1
     out[at:at] = [(design, "loss") for design in FORCED_DESIGNS]
-    out += [(v, "labels") for v in ("triton", "eager")] + [(v, "bnloss") for v in ("triton", "fold", "eager")]
+    out += [(v, "labels") for v in ("triton", "eager")]
+    out += [(v, "bnloss") for v in ("triton", "relay", "fold", "eager")]
     out += [(v, "moments") for v in ("triton", "stats", "eager") if v != "stats" or device.type == "cuda"]
     if device.type == "cuda":
         out += [("compiled", m) for m in ops_modes]
@@ -202,11 +205,12 @@ def _bn_loss(variant: str, inputs):
         if variant == "eager":
             rows = F.batch_norm(q, None, None, bn_w, bn_b, training=True, eps=BN_EPS)
             l_rec, l_con = ops.seat_reconstruct_loss_reference(rows, gamma, weight, bias, x)
-        elif variant == "triton":
+        elif variant in ("triton", "relay"):
             with torch.no_grad():
                 mean, var = channel_moments(q, BN_EPS)
             stats = ops.BatchStats(mean, var, bn_w, bn_b, BN_EPS)
-            l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design="two_pass",
+            design = "relay" if variant == "relay" else "two_pass"
+            l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design=design,
                                                      affine=stats)
         else:
             mean, var = channel_moments(q, BN_EPS)
@@ -243,10 +247,12 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     floor = traffic.floor_bytes(op, s.B, s.M, s.P, s.N, s.C, s.dtype)
     modeled = None
     if variant in TRITON_VARIANTS:
-        if variant in FORCED_DESIGNS:
+        if mode == "bnloss":  # the statistics' backward in the balance, as ops.seat_reconstruct_loss has it
+            how = dict(bn_stats=True, design="relay" if variant == "relay" else "two_pass")
+        elif variant in FORCED_DESIGNS:
             how = dict(design=variant)
         else:
-            how = dict(folded=True, split_bn=True, design="two_pass") if mode == "bnloss" else {}
+            how = {}
         modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **how).total_bytes
     return {"floor_bytes": int(floor), "modeled_bytes": None if modeled is None else int(modeled)}
 
@@ -294,7 +300,7 @@ def autotuned_configs(mode: str) -> dict:
         return {}
     chosen = getattr(seat_common, "chosen_configs", None)
     kinds = {"fwd": ("forward",), "fwdbwd": ("forward", "backward"), "loss": ("loss", "relay"),
-             "labels": ("forward",), "bnloss": ("forward", "backward"), "moments": ()}
+             "labels": ("forward",), "bnloss": ("forward", "backward", "relay"), "moments": ()}
     return chosen(kinds[mode]) if chosen else {}
 
 

@@ -93,7 +93,7 @@ def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Opti
     if folded and not seat_fused:
         raise ValueError("--bn-folded applies BatchNorm inside the fused SEAT kernels: it needs the "
                          "fused op (--seat-impl triton or auto on sm80+, with reconstruction)")
-    two_pass = seat_fused and _loss_design(cfg, spec, amp) == "two_pass"
+    two_pass = seat_fused and _loss_design(cfg, spec, amp, folded) == "two_pass"
     split = folded and two_pass if bn_split is None else bn_split
     if split and not (folded and two_pass):
         raise ValueError("--bn-split: the split BatchNorm backward needs BatchNorm folded and the two-pass loss design")
@@ -103,9 +103,10 @@ def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Opti
                     torch.get_float32_matmul_precision() != "highest")
 
 
-def _loss_design(cfg: Config, spec: GPUSpec, amp: Optional[torch.dtype]) -> str:
+def _loss_design(cfg: Config, spec: GPUSpec, amp: Optional[torch.dtype], folded: bool = False) -> str:
     """The SEAT loss's design as san_fast.ops picks it: two-pass under torch.compile, else the
-    traffic model's choice for the step's shape."""
+    traffic model's choice for the step's shape (BatchNorm folded, in training: on its batch
+    statistics, whose backward the two-pass design carries in its dq pass)."""
     if cfg.compile:
         return "two_pass"
     from san_fast.kernels import seat_plan
@@ -113,7 +114,7 @@ def _loss_design(cfg: Config, spec: GPUSpec, amp: Optional[torch.dtype]) -> str:
     from san_fast.data import input_channels
 
     return seat_plan.loss_design(cfg.batch_size, cfg.crop_size ** 2, cfg.embed_dim, cfg.semantics(),
-                                 input_channels(cfg), amp or torch.float32, spec)
+                                 input_channels(cfg), amp or torch.float32, spec, bn_stats=folded)
 
 
 def project_adam(cfg: Config) -> str:
@@ -133,11 +134,11 @@ def seat_traffic_cost(gpu: str, folded: bool = False, split: bool = False, two_p
     """The fused loss's bytes and FLOPs from the kernels' traffic model in the design the ops run
     (BatchNorm-folded: with the fold's operand ops and logit bias; `split`: and the split
     BatchNorm backward)."""
-    from san_fast.kernels import traffic
-
-    design = "two_pass" if two_pass else "fused"
+    from san_fast.kernels import seat_plan, traffic
 
     def cost(b, m, p, n, c, dtype):
+        # the one-pass design the ops pick (the statistics' pass is step_cost's to count)
+        design = "two_pass" if two_pass else seat_plan.loss_design(b, m, p, n, c, dtype, GPUS[gpu], bn_stats=folded)
         t = traffic.op_traffic("fused_loss", b, m, p, n, c, dtype, gpu=gpu, folded=folded, split_bn=split,
                                design=design)
         return {"bytes": int(t.total_bytes), "flops": int(t.flops), "dtype": dtype}

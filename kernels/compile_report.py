@@ -57,6 +57,9 @@ class Row:
     spill_bytes: Optional[int] = None
     shared_bytes: Optional[int] = None
     fits: Optional[bool] = None
+    # cp.async instructions in the PTX: loads the software pipeliner made asynchronous (into
+    # shared memory, past L1); traffic.py's L1 rule holds only for kernels with none.
+    async_copies: Optional[int] = None
     seconds: float = 0.0
     error: str = ""
     # False where no launcher picks this kernel on its own: the fused design above
@@ -227,6 +230,7 @@ def compile_kind(
                 src, options = _jit_source(fn, call.args, constexprs, target, warps, stages, maxnreg)
                 compiled = triton.compile(src, target=target, options=options.__dict__)
                 row.registers, row.spill_bytes = _ptxas_report(compiled.asm["ptx"], arch)
+                row.async_copies = len(re.findall(r"\bcp\.async\.(?:ca|cg)\b", compiled.asm["ptx"]))
                 row.shared_bytes = int(compiled.metadata.shared)
                 row.fits = row.shared_bytes <= SHARED_LIMIT.get(arch, 48 * 1024)
                 row.ok = True

@@ -106,10 +106,10 @@ INTERPRETER_GRAD_TILE = (64, 64)
 INTERPRETER_TUNE = {"backward": (64, 4, 1), "loss": (64, 64, 4, 1), "relay": (64, 64, 4, 1)}
 INTERPRETER_SMS = 4
 REDUCE_BLOCK = 1024
-# Problems of at least FILL_ROWS rows get a plan with a CTA per SM when one is modeled within
-# FILL_SLACK of the fastest plan (issue 8's "grids that fill the GPU").
+# Problems of at least FILL_ROWS rows get the fastest plan with a CTA per SM wherever there is
+# one (issue 8's "grids that fill the GPU"). It was "within 10% of the fastest" until the relay
+# design at N = 64: on a V100 (80 SMs) its filling plans model 11-13% slower than 72 CTAs.
 FILL_ROWS = 65536
-FILL_SLACK = 1.10
 # At most this many exact waves of CTAs in a wave-filling plan (grad_plan_candidates).
 MAX_WAVES = 4
 
@@ -408,9 +408,9 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
     best = min(ms for ms, _, _ in scored)
     # A grid that leaves SMs idle wastes them in a way the model cannot see (each CTA's share of
     # the HBM bandwidth is not the whole chip's): on problems of at least 65,536 rows take a
-    # plan with a CTA per SM if one is within FILL_SLACK of the fastest.
+    # plan with a CTA per SM where there is one.
     if B * M >= FILL_ROWS:
-        filling = [s for s in scored if s[2].ctas >= spec.sms and s[0] <= FILL_SLACK * best]
+        filling = [s for s in scored if s[2].ctas >= spec.sms]
         if filling:
             scored = filling
             best = min(ms for ms, _, _ in scored)
@@ -428,14 +428,21 @@ def fused_loss_fits(N: int) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec) -> str:
+def loss_design(B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec,
+                bn_stats: bool = False) -> str:
     """The fused loss's design the traffic model says is fastest: 'fused' (one pass, every
     CTA of a run computing the forward of its rows; only where that kernel runs spill-free,
     N up to FUSED_LOSS_MAX_BLOCK_N), 'relay' (one pass, producer CTAs computing the forward and
     handing it to the gradient CTAs) or 'two_pass' (forward saving the attention, then the
-    exact backward). Ties go to the earlier of that order."""
+    exact backward). Ties go to the earlier of that order.
+
+    `bn_stats`: the BatchNorm-folded loss in training (on the batch statistics), where two_pass
+    carries BatchNorm's statistics' backward in its dq pass (seat_bn_split.py) and the one-pass
+    designs leave it to an elementwise pass over Q-sized tensors (traffic.op_traffic's bn_stats):
+    at the paper shape that pass costs more than the one-pass designs save."""
     from san_fast.kernels import traffic
 
     designs = ("fused", "relay", "two_pass") if fused_loss_fits(N) else ("relay", "two_pass")
-    ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d).modeled_ms for d in designs}
+    ms = {d: traffic.op_traffic("fused_loss", B, M, P, N, C, dtype, gpu=spec, design=d, bn_stats=bn_stats).modeled_ms
+          for d in designs}
     return min(designs, key=lambda d: (ms[d], designs.index(d)))

@@ -30,6 +30,17 @@ CTA's own range (else counted as "Q re-read (HBM)"); the K reads of the saved at
 rec gradients in the backward (else "attention re-read (HBM)"). Loads that are last uses carry
 evict_first (step 2's Q tile, the forward's Q, dQ stores) to keep the shared lines in L2.
 
+L1 rule. Step 2 of the gradient kernel reads its range's gamma slice (N x range) for every row
+block. Where the kernel's loads are not software-pipelined (every autotune candidate at
+num_stages = 1, so they are plain ld.global, cached in L1; pipelined loads are cp.async.cg
+into shared memory, past L1), one CTA per SM, and the CTA's own L1 traffic per row block (the
+slice, its Q range tile and, in the fused design, pass 1's Q row block and all of gamma) fits
+L1_REUSE_BYTES, the slice is read from L2 once per (CTA, image) and from L1 after that. The
+relay design's gradient CTAs at N = 64 are the case (32 x 64 tile, one stage: 8 KiB slice,
+4 KiB Q tile; their relayed rows bypass L1). L1_REUSE_BYTES = 32 KiB: a quarter of a V100's
+128 KiB of L1 and shared memory (256 KiB on an H100), the rest left to shared memory and lines
+in flight.
+
 Time. Per launch, max(HBM bytes / hbm rate, FLOPs / matmul rate, L2 bytes / L2 rate), summed
 over launches, with the FLOP and L2 rates scaled by the fraction of SMs the grid occupies. Tensor-core
 FLOPs (the big dots in q's dtype, padded as executed) at the GPU's rate for that dtype; the small
@@ -57,6 +68,7 @@ OPS = ("forward", "backward", "forward_backward", "fused_loss", "labels")
 LOSS_DESIGNS = ("fused", "relay", "two_pass")
 L2_FRACTION = 0.5
 DRIFT_ROW_BLOCKS = 2
+L1_REUSE_BYTES = 32 * 1024
 PAPER = {"B": 16, "M": 128 * 128, "P": 1024, "N": 27, "C": 3, "dtype": torch.bfloat16}
 
 
@@ -190,6 +202,18 @@ def _shared_in_l2(plan: GradPlan, dtype, spec) -> tuple[bool, int]:
     return window <= L2_FRACTION * spec.l2_bytes, window
 
 
+def _slice_in_l1(plan: GradPlan, dtype, tunes: list) -> bool:
+    """The L1 rule (module docstring): does step 2's gamma slice stay in L1 across row blocks?"""
+    e = _esize(dtype)
+    if any(c.num_stages != 1 for c in tunes) or seat_plan.ctas_per_sm(seat_plan.grad_kind(
+            plan.mode, plan.relay), plan.block_n) != 1:
+        return False
+    per_row_block = (plan.block_n + plan.C) * plan.block_p2 * e + plan.block_m * plan.block_p2 * e
+    if plan.mode in LOSS_MODES and not plan.relay:  # pass 1 over whole rows, in every CTA
+        per_row_block += (plan.block_m + plan.block_n) * plan.P * e
+    return per_row_block <= L1_REUSE_BYTES
+
+
 def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: bool = False,
                   split_bn: bool = False) -> list:
     """The gradient kernel of `plan`, its slot reduction, and the torch ops that finish dGamma, dW
@@ -227,14 +251,17 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     used = plan.used_slots()
     by["workspace"] = used * plan.slot_len * acc
     items = plan.items * k  # row blocks visited, all CTAs
-    # Step 2's range in every CTA; pass 1's whole rows in every CTA (fused) or once (relay).
+    tunes = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, interpreter=False, relay=relay)
+    # Step 2's range in every CTA (once per image where L1 holds it); pass 1's whole rows in
+    # every CTA (fused) or once (relay).
+    in_l1 = _slice_in_l1(plan, dtype, tunes)
+    slice_reads = k * used if in_l1 else items
     passes1 = plan.items if relay else items if fused else 0
-    gamma_l2 = (items * plan.p_range + passes1 * P) * N * e
+    gamma_l2 = (slice_reads * plan.p_range + passes1 * P) * N * e
     l2 = row_l2 + q_bytes + gamma_l2 + by["workspace"]
     # dGamma, dW, dq dots; packed, dW rides in dGamma's dot and W under Gamma in dq's (PACK_W)
     step2 = 2 * items * bm * plan.block_p2 * 2 * (bn + (0 if plan.packs_w else bc))
     small = (items + plan.items) * 2 * bm * bn * C  # da = gt V^T (every CTA), S += a^T gt (range 0)
-    tunes = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, interpreter=False, relay=relay)
     pass1 = 0
     if fused:
         # The pass-1 chunk (autotuned) only pads P: the least padding, as the fastest pick.
@@ -246,6 +273,8 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
               "autotuned over": [common.config_label(c) for c in tunes]}
     note = (f"rows shared through L2 (reuse distance {window / 2**20:.1f} MiB)" if shared else
             f"rows NOT shared through L2 (reuse distance {window / 2**20:.1f} MiB)")
+    if in_l1:
+        note += "; gamma slice held in L1 across row blocks"
     out = _operand_casts(B, N, P, C, dtype, spec, folded=folded)  # launch_grad casts gamma, W (and builds V)
     if split_bn:
         out += _split_launches(plan, dtype, spec, config, by, step2, small, l2, note)
@@ -308,6 +337,15 @@ def rescale_launch(B, M, P, C, dtype, spec, skipped: bool = True) -> LaunchTraff
                    0, 0 if skipped else 2 * B * M * P * 16, sum(by.values()), spec.sms, spec, dtype, note=note)
 
 
+def bn_stats_launch(B, M, P, dtype, spec) -> LaunchTraffic:
+    """BatchNorm's statistics' backward as its own elementwise pass, where the SEAT loss runs a
+    one-pass design: dy = dq + alpha + beta y per channel (seat_bn_fold.attach_moments), at its
+    fused minimum (read dq and y, write dy; as torch.compile runs it, eager runs more)."""
+    q = B * M * P * _esize(dtype)
+    return _torch_op("BN statistics backward: dy = dq + alpha + beta y", {"BN statistics pass": 3 * q}, spec, dtype,
+                     flops=2 * B * M * P)
+
+
 def floor_bytes(op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype) -> int:
     """The bytes an op cannot avoid: Q (and dQ) as the brief counts them, plus the small
     tensors: gamma (B,N,P) and W (C,P) read as fp32 masters, rec_q and rec_t written, the rec
@@ -338,6 +376,7 @@ def _plan(mode, B, M, P, N, C, dtype, spec, relay: bool = False) -> GradPlan:
 def op_traffic(
     op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, gpu: Union[str, GPUSpec] = "H100",
     *, design: Optional[str] = None, rescale_skipped: bool = True, folded: bool = False, split_bn: bool = False,
+    bn_stats: bool = False,
 ) -> OpTraffic:
     """Launches, bytes, FLOPs and modeled time of one op on one GPU (a name in
     san_fast.gpu_specs.GPUS or a GPUSpec). For fused_loss, `design` (LOSS_DESIGNS)
@@ -345,10 +384,19 @@ def op_traffic(
     dQ rescale that runs when the upstream gradients differ from the hint. `folded`: the
     BatchNorm-folded op (Q is then the conv output y, read the same way; the fold adds its
     small operand ops and the logit bias); `split_bn` with it, in training: the split BatchNorm
-    backward (grad_launches) of the ops' two-pass paths (fused_loss: design two_pass only)."""
+    backward (grad_launches) of the ops' two-pass paths (fused_loss: design two_pass only).
+    `bn_stats` (fused_loss): the folded loss in training, on BatchNorm's batch statistics, as
+    san_fast.ops runs it: the two_pass design with the split backward, the one-pass designs
+    followed by the statistics' elementwise backward (bn_stats_launch); the design is then the
+    one seat_plan.loss_design picks for that case."""
     spec = _spec(gpu)
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}: expected one of {OPS}")
+    if bn_stats:
+        if op != "fused_loss" or split_bn:
+            raise ValueError("bn_stats: the fused_loss op, whose design decides the split (split_bn is implied)")
+        design = design or seat_plan.loss_design(B, M, P, N, C, dtype, spec, bn_stats=True)
+        folded, split_bn = True, design == "two_pass"
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q dtype must be float16, bfloat16 or float32, got {dtype}")
     if split_bn and not (folded and op in ("backward", "forward_backward", "fused_loss")):
@@ -377,6 +425,8 @@ def op_traffic(
             launches += grad_launches(plan, dtype, spec, folded)
             launches += _loss_glue(B, M, C, dtype, spec, fused=True)
             launches.append(rescale_launch(B, M, P, C, dtype, spec, skipped=rescale_skipped))
+            if bn_stats:
+                launches.append(bn_stats_launch(B, M, P, dtype, spec))
         else:
             launches += forward_launches(B, M, P, N, C, dtype, spec, save_attn=True, **fwd)
             launches += _loss_glue(B, M, C, dtype, spec, fused=False)

@@ -8,6 +8,7 @@ import argparse
 import itertools
 from typing import Optional, Union
 
+import torch
 from san_fast.gpu_specs import GPUSpec
 from san_fast.kernels.traffic import OPS, PAPER, _spec, op_traffic
 
@@ -16,17 +17,27 @@ SWEEP_SIDE = (32, 64, 128, 256)
 SWEEP_B = (1, 4, 16, 64)
 
 
-def sweep_shapes(full: bool = False) -> list[dict]:
+def sweep_shapes(full: bool = False, dtype: torch.dtype = PAPER["dtype"]) -> list[dict]:
     """The paper shape, then the sweep: one parameter at a time from the paper shape (or, with
-    `full`, every combination of N, side and B)."""
+    `full`, every combination of N, side and B), in q's `dtype`."""
+    paper = {**PAPER, "dtype": dtype}
     if full:
-        return [{**PAPER, "N": n, "M": side * side, "B": b}
+        return [{**paper, "N": n, "M": side * side, "B": b}
                 for n, side, b in itertools.product(SWEEP_N, SWEEP_SIDE, SWEEP_B)]
-    shapes = [dict(PAPER)]
-    shapes += [{**PAPER, "N": n} for n in SWEEP_N if n != PAPER["N"]]
-    shapes += [{**PAPER, "M": side * side} for side in SWEEP_SIDE if side * side != PAPER["M"]]
-    shapes += [{**PAPER, "B": b} for b in SWEEP_B if b != PAPER["B"]]
+    shapes = [dict(paper)]
+    shapes += [{**paper, "N": n} for n in SWEEP_N if n != PAPER["N"]]
+    shapes += [{**paper, "M": side * side} for side in SWEEP_SIDE if side * side != PAPER["M"]]
+    shapes += [{**paper, "B": b} for b in SWEEP_B if b != PAPER["B"]]
     return shapes
+
+
+def amp_dtype(spec: GPUSpec) -> torch.dtype:
+    """q's dtype on this GPU as training's --amp auto picks it: bf16, or fp16 where there is none (V100)."""
+    return torch.bfloat16 if spec.bf16 else torch.float16
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
 
 
 def _shape_name(s: dict) -> str:
@@ -36,10 +47,11 @@ def _shape_name(s: dict) -> str:
 
 def table(gpu: Union[str, GPUSpec] = "H100", full: bool = False, ops=OPS) -> list[str]:
     spec = _spec(gpu)
-    head = (f"| shape ({spec.name}, P=1024, C=3, bf16) | op | design | modeled MB | floor MB | ratio | GFLOP "
+    dtype = amp_dtype(spec)
+    head = (f"| shape ({spec.name}, P=1024, C=3, {_dtype_name(dtype)}) | op | design | modeled MB | floor MB | ratio | GFLOP "
             "| modeled ms | L2 hit GB | CTAs |")
     lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in sweep_shapes(full):
+    for s in sweep_shapes(full, dtype):
         for op in ops:
             t = op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], gpu=spec)
             ctas = max(x.ctas for x in t.launches if not x.name.startswith("torch"))
@@ -53,10 +65,11 @@ def compact_table(gpu: Union[str, GPUSpec] = "H100", full: bool = False) -> list
     """One row per shape: modeled bytes over the floor for each op, the loss design the launcher
     picks, and modeled times."""
     spec = _spec(gpu)
-    lines = [f"| shape ({spec.name}, P=1024, C=3, bf16) | forward | backward | fwd+bwd | fused loss (design) "
+    dtype = amp_dtype(spec)
+    lines = [f"| shape ({spec.name}, P=1024, C=3, {_dtype_name(dtype)}) | forward | backward | fwd+bwd | fused loss (design) "
              "| labels | ms fwd+bwd | ms loss |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for s in sweep_shapes(full):
+    for s in sweep_shapes(full, dtype):
         t = {op: op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], gpu=spec) for op in OPS}
         lines.append(f"| {_shape_name(s)} | {t['forward'].ratio():.2f}x | {t['backward'].ratio():.2f}x | "
                      f"{t['forward_backward'].ratio():.2f}x | {t['fused_loss'].ratio():.2f}x "

@@ -202,7 +202,10 @@ def seat_reconstruct_loss(
     - "two_pass": forward keeping the attention, then the exact backward (two reads of Q).
     - "auto": whichever the traffic model (san_fast.kernels.traffic) says is faster on this
       GPU, or the design the environment variable SAN_FAST_LOSS_DESIGN names; always
-      "two_pass" under torch.compile.
+      "two_pass" under torch.compile. With a BatchStats `affine` the model weighs two_pass,
+      which then runs BatchNorm's statistics' backward inside its dq pass, against the
+      one-pass designs plus that backward as an elementwise pass over Q-sized tensors: two_pass
+      at the paper shape (seat_plan.loss_design).
     """
     if consistency_target not in CONSISTENCY_TARGETS:
         raise ValueError(f"consistency_target={consistency_target!r}: expected 'image' or 'rec_q'")
@@ -217,12 +220,15 @@ def seat_reconstruct_loss(
     target_rec_q = consistency_target == "rec_q"
     triton = _use_triton(impl, q, gamma3.shape[1])
     if isinstance(affine, BatchStats):
-        if triton and _needs_grad(rows, gamma3, w2, bias, x_rows, affine.weight, affine.bias) and \
-                _loss_design(design, rows, gamma3.shape[1], w2.shape[0]) == "two_pass":
-            from san_fast.kernels.seat_bn_split import seat_batchnorm
+        if triton and _needs_grad(rows, gamma3, w2, bias, x_rows, affine.weight, affine.bias):
+            # Decided here, with the statistics' backward in the balance: the design runs below
+            # on (scale, shift), which no longer says where they came from.
+            design = _loss_design(design, rows, gamma3.shape[1], w2.shape[0], bn_stats=True)
+            if design == "two_pass":
+                from san_fast.kernels.seat_bn_split import seat_batchnorm
 
-            rec_q, rec_t = seat_batchnorm(rows, affine, gamma3, w2, bias)
-            return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
+                rec_q, rec_t = seat_batchnorm(rows, affine, gamma3, w2, bias)
+                return losses(rec_q, rec_t, x_rows, target_rec_q, loss_dtype(rows))
         affine = _stats_affine(affine, rows)
     if not triton:
         rows = rows if affine is None else affine_rows_reference(rows, *affine)
@@ -302,7 +308,7 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _loss_design(design: str, rows: torch.Tensor, n: int, c: int) -> str:
+def _loss_design(design: str, rows: torch.Tensor, n: int, c: int, bn_stats: bool = False) -> str:
     compiling = torch.compiler.is_compiling()
     if design in ("fused", "relay") and compiling:
         raise ValueError(f"design={design!r} cannot run under torch.compile: its in-place dQ rescale would be "
@@ -323,7 +329,7 @@ def _loss_design(design: str, rows: torch.Tensor, n: int, c: int) -> str:
     bsz, m, p = rows.shape
     # float64 (the gradcheck path) has no GPU model of its own: choose as for fp32.
     dtype = torch.float32 if rows.dtype == torch.float64 else rows.dtype
-    return seat_plan.loss_design(bsz, m, p, n, c, dtype, seat_plan.device_spec(rows.device))
+    return seat_plan.loss_design(bsz, m, p, n, c, dtype, seat_plan.device_spec(rows.device), bn_stats)
 
 
 if _HAS_TRITON:

@@ -15,15 +15,18 @@ def test_cases_cover_every_variant_at_the_paper_shape_only():
     assert ("sdpa", "loss") not in paper  # SDPA has no fused loss
     assert set(sm.cases("n256", gpu)) == {(v, m) for v in ("triton", "eager") for m in ("fwd", "fwdbwd", "loss")}
     assert all(v != "compiled" for v, _ in sm.cases("tiny", torch.device("cpu")))
-    # BatchNorm's backward inside the SEAT kernels against the fold's autograd path and torch.
-    assert [v for v, m in paper if m == "bnloss"] == ["triton", "fold", "eager"]
+    # BatchNorm's backward inside the SEAT kernels against the relay with it as its own pass, the
+    # fold's autograd path and torch.
+    assert [v for v, m in paper if m == "bnloss"] == ["triton", "relay", "fold", "eager"]
     assert paper[-3:] == [("compiled", m) for m in ("fwd", "fwdbwd", "loss")]  # compiles last
     # The loss's designs side by side: the launcher's choice, then each forced.
     at = paper.index(("triton", "loss"))
     assert paper[at:at + 3] == [("triton", "loss"), ("fused", "loss"), ("relay", "loss")]
-    assert [v for v, _ in paper].count("relay") == 1 and ("relay", "loss") in sm.cases("tiny", torch.device("cpu"))
+    assert [v for v, _ in paper].count("relay") == 2 and ("relay", "loss") in sm.cases("tiny", torch.device("cpu"))
     fig = sm.traffic_figures(sm.PAPER, "bnloss", "triton", "H100")
     assert fig["modeled_bytes"] > sm.traffic_figures(sm.PAPER, "loss", "triton", "H100")["modeled_bytes"]
+    # the relay with the statistics' pass moves more than the split two-pass (the launcher's pick)
+    assert sm.traffic_figures(sm.PAPER, "bnloss", "relay", "H100")["modeled_bytes"] > fig["modeled_bytes"]
 
 
 def test_floors_come_from_the_traffic_model():

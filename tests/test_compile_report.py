@@ -81,6 +81,14 @@ def test_chosen_bf16_configs_do_not_spill_up_to_n64(tmp_path):
     for r in chosen:
         assert r["spill_bytes"] <= MEASURED_SPILLS.get((r["kind"], r["arch"], r["n"]), 0), r
     assert "not chosen: the launcher never runs the fused design" in proc.stdout
+    # The premise of traffic.py's L1 rule, which the relay at N = 64 rests on: its one-stage
+    # config issues no asynchronous copies (its loads are plain, L1-cached ld.global), while
+    # the pipelined configs do.
+    relay = {(r["arch"], r["n"]): r for r in rows
+             if r["kind"] == "loss_relay" and r["kernel"] == "seat_grad_kernel"}
+    for arch in (80, 90):
+        assert relay[(arch, 64)]["config"].endswith("s=1") and relay[(arch, 64)]["async_copies"] == 0
+        assert relay[(arch, 27)]["async_copies"] > 0, relay[(arch, 27)]
 
 
 def test_the_launcher_never_picks_an_unchosen_fused_loss():

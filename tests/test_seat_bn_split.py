@@ -156,6 +156,25 @@ def test_ops_route_batch_stats(monkeypatch, design, split):
         assert rel_err(g, w) < 1e-4, name
 
 
+def test_auto_design_weighs_the_statistics_backward(monkeypatch):
+    """design='auto' with a BatchStats affine asks the planner with bn_stats (the two-pass design
+    carrying the statistics' backward against the one-pass designs plus it), then runs what it
+    answers: the split Function for two_pass, the relay kernel otherwise."""
+    from san_fast.kernels import seat_plan
+
+    split_calls, asked = [], []
+    original = seat_bn_split.seat_batchnorm
+    monkeypatch.setattr(seat_bn_split, "seat_batchnorm", lambda *a: split_calls.append(1) or original(*a))
+    y, bn_w, bn_b, gamma, weight, bias, x = _leaves(torch.float32)
+    want = ops.seat_reconstruct_loss(y, gamma, weight, bias, x, impl="torch", affine=_stats_of(y, bn_w, bn_b))
+    for answer in ("two_pass", "relay"):
+        monkeypatch.setattr(seat_plan, "loss_design", lambda *a: asked.append(a[7:]) or answer)
+        got = ops.seat_reconstruct_loss(y.detach().requires_grad_(), gamma, weight, bias, x, impl="triton",
+                                        affine=_stats_of(y, bn_w, bn_b))
+        assert all(rel_err(g, w) < 1e-4 for g, w in zip(got, want)), answer
+    assert asked == [(True,), (True,)] and split_calls == [1]
+
+
 def test_ops_reconstruct_and_labels_take_batch_stats():
     y, bn_w, bn_b, gamma, weight, bias, _ = _leaves(torch.float32)
     stats = _stats_of(y, bn_w, bn_b)
@@ -189,7 +208,7 @@ def test_model_on_the_split_path_matches_unfused(monkeypatch):
     calls = []
     original = seat_bn_split.SeatBatchNormFunction.apply
     monkeypatch.setattr(seat_bn_split.SeatBatchNormFunction, "apply", lambda *a: calls.append(1) or original(*a))
-    monkeypatch.setattr(ops, "_loss_design", lambda *a: "two_pass")
+    monkeypatch.setattr(ops, "_loss_design", lambda *a, **k: "two_pass")
     unfused, folded = twin_models()
     x = torch.randn(3, 3, 32, 32)
     want, _, _ = unfused.losses(x)
