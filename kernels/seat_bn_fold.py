@@ -59,8 +59,11 @@ def moments_grad(x: torch.Tensor, mean: torch.Tensor, grad_mean: torch.Tensor, g
     and biased variance over `count` elements: one elementwise pass, in x's dtype."""
     shape = [1] * x.dim()
     shape[channel_dim] = -1
-    grad = (x.to(mean.dtype) - mean.view(shape)) * (grad_var * (2.0 / count)).view(shape) \
-        + (grad_mean / count).view(shape)
+    slope = grad_var * (2.0 / count)
+    # (x - mean) slope + grad_mean / count with the per-channel terms combined first: one
+    # elementwise op in mean's dtype (addcmul promotes x) and the cast, where the plain form ran
+    # four ops and a cast over x-sized tensors in eager (42 bytes per bf16 element, now 12).
+    grad = torch.addcmul((grad_mean / count - mean * slope).view(shape), x, slope.view(shape))
     return grad.to(x.dtype)
 
 

@@ -338,12 +338,15 @@ def rescale_launch(B, M, P, C, dtype, spec, skipped: bool = True) -> LaunchTraff
 
 
 def bn_stats_launch(B, M, P, dtype, spec) -> LaunchTraffic:
-    """BatchNorm's statistics' backward as its own elementwise pass, where the SEAT loss runs a
-    one-pass design: dy = dq + alpha + beta y per channel (seat_bn_fold.attach_moments), at its
-    fused minimum (read dq and y, write dy; as torch.compile runs it, eager runs more)."""
-    q = B * M * P * _esize(dtype)
-    return _torch_op("BN statistics backward: dy = dq + alpha + beta y", {"BN statistics pass": 3 * q}, spec, dtype,
-                     flops=2 * B * M * P)
+    """BatchNorm's statistics' backward as its own elementwise passes, where the SEAT loss runs a
+    one-pass design: dy = dq + alpha + beta y per channel (seat_bn_fold.attach_moments), as eager
+    runs it, the only place a one-pass design runs: moments_grad's addcmul in fp32 (read y, write
+    fp32) and its cast to y's dtype, then autograd's sum with dq (read both, write dy). A fused
+    pass (torch.compile's) would move 3 of Q's bytes; this one 9 in bf16."""
+    rows, e = B * M * P, _esize(dtype)
+    per_row = (2 * (4 + e) if e != 4 else 2 * 4) + 3 * e
+    return _torch_op("BN statistics backward (eager): alpha + beta y, then dq + it", {"BN statistics pass": rows * per_row},
+                     spec, dtype, flops=3 * rows)
 
 
 def floor_bytes(op: str, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype) -> int:
