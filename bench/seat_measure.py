@@ -191,6 +191,11 @@ def build(variant: str, mode: str, inputs):
     return run
 
 
+def _bn_loss_design(variant: str) -> str:
+    """The loss design a `bnloss` Triton variant forces: the relay, else two_pass (the split backward)."""
+    return "relay" if variant == "relay" else "two_pass"
+
+
 def _bn_loss(variant: str, inputs):
     """The `bnloss` case: BatchNorm's statistics of q taken in the forward, as the model does."""
     from san_fast.kernels.seat_bn_fold import bn_affine
@@ -209,9 +214,8 @@ def _bn_loss(variant: str, inputs):
             with torch.no_grad():
                 mean, var = channel_moments(q, BN_EPS)
             stats = ops.BatchStats(mean, var, bn_w, bn_b, BN_EPS)
-            design = "relay" if variant == "relay" else "two_pass"
-            l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design=design,
-                                                     affine=stats)
+            l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton",
+                                                     design=_bn_loss_design(variant), affine=stats)
         else:
             mean, var = channel_moments(q, BN_EPS)
             l_rec, l_con = ops.seat_reconstruct_loss(q, gamma, weight, bias, x, impl="triton", design="two_pass",
@@ -248,7 +252,7 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
     modeled = None
     if variant in TRITON_VARIANTS:
         if mode == "bnloss":  # the statistics' backward in the balance, as ops.seat_reconstruct_loss has it
-            how = dict(bn_stats=True, design="relay" if variant == "relay" else "two_pass")
+            how = dict(bn_stats=True, design=_bn_loss_design(variant))
         elif variant in FORCED_DESIGNS:
             how = dict(design=variant)
         else:

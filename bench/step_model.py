@@ -74,7 +74,7 @@ def resolve_settings(cfg: Config, gpu: str, adam: Optional[str], bn_folded: Opti
                      monitor_grad: str = "auto", bn_split: Optional[bool] = None) -> Settings:
     spec = GPUS[gpu]
     if cfg.amp == "auto":
-        amp = torch.bfloat16 if spec.bf16 else torch.float16
+        amp = spec.amp_dtype
     elif cfg.amp == "off":
         amp = None
     elif cfg.amp == "bf16" and not spec.bf16:

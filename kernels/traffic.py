@@ -205,8 +205,7 @@ def _shared_in_l2(plan: GradPlan, dtype, spec) -> tuple[bool, int]:
 def _slice_in_l1(plan: GradPlan, dtype, tunes: list) -> bool:
     """The L1 rule (module docstring): does step 2's gamma slice stay in L1 across row blocks?"""
     e = _esize(dtype)
-    if any(c.num_stages != 1 for c in tunes) or seat_plan.ctas_per_sm(seat_plan.grad_kind(
-            plan.mode, plan.relay), plan.block_n) != 1:
+    if any(c.num_stages != 1 or seat_plan.resident_ctas(c.num_warps) != 1 for c in tunes):
         return False
     per_row_block = (plan.block_n + plan.C) * plan.block_p2 * e + plan.block_m * plan.block_p2 * e
     if plan.mode in LOSS_MODES and not plan.relay:  # pass 1 over whole rows, in every CTA

@@ -9,7 +9,7 @@ import itertools
 from typing import Optional, Union
 
 import torch
-from san_fast.gpu_specs import GPUSpec
+from san_fast.gpu_specs import HALF_DTYPE_KEYS, GPUSpec
 from san_fast.kernels.traffic import OPS, PAPER, _spec, op_traffic
 
 SWEEP_N = (6, 27, 64, 100, 256)
@@ -31,15 +31,6 @@ def sweep_shapes(full: bool = False, dtype: torch.dtype = PAPER["dtype"]) -> lis
     return shapes
 
 
-def amp_dtype(spec: GPUSpec) -> torch.dtype:
-    """q's dtype on this GPU as training's --amp auto picks it: bf16, or fp16 where there is none (V100)."""
-    return torch.bfloat16 if spec.bf16 else torch.float16
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
-
-
 def _shape_name(s: dict) -> str:
     side = int(round(s["M"] ** 0.5))
     return f"B={s['B']} {side}x{side} N={s['N']}"
@@ -47,8 +38,8 @@ def _shape_name(s: dict) -> str:
 
 def table(gpu: Union[str, GPUSpec] = "H100", full: bool = False, ops=OPS) -> list[str]:
     spec = _spec(gpu)
-    dtype = amp_dtype(spec)
-    head = (f"| shape ({spec.name}, P=1024, C=3, {_dtype_name(dtype)}) | op | design | modeled MB | floor MB | ratio | GFLOP "
+    dtype = spec.amp_dtype  # q's dtype under training's --amp auto
+    head = (f"| shape ({spec.name}, P=1024, C=3, {HALF_DTYPE_KEYS[dtype]}) | op | design | modeled MB | floor MB | ratio | GFLOP "
             "| modeled ms | L2 hit GB | CTAs |")
     lines = [head, "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sweep_shapes(full, dtype):
@@ -65,8 +56,8 @@ def compact_table(gpu: Union[str, GPUSpec] = "H100", full: bool = False) -> list
     """One row per shape: modeled bytes over the floor for each op, the loss design the launcher
     picks, and modeled times."""
     spec = _spec(gpu)
-    dtype = amp_dtype(spec)
-    lines = [f"| shape ({spec.name}, P=1024, C=3, {_dtype_name(dtype)}) | forward | backward | fwd+bwd | fused loss (design) "
+    dtype = spec.amp_dtype
+    lines = [f"| shape ({spec.name}, P=1024, C=3, {HALF_DTYPE_KEYS[dtype]}) | forward | backward | fwd+bwd | fused loss (design) "
              "| labels | ms fwd+bwd | ms loss |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in sweep_shapes(full, dtype):

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+# The names of the half-precision dtypes in matmul_flops (and in the traffic tables' headers).
+HALF_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
 
 @dataclass(frozen=True)
 class GPUSpec:
@@ -33,8 +36,13 @@ class GPUSpec:
         # Hashable despite the dict field, so launch plans can be cached per GPU.
         return hash((self.name, self.sms, self.l2_bytes, self.hbm_bytes_per_s, tuple(sorted(self.matmul_flops.items()))))
 
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        """The autocast dtype training's --amp auto takes here: bf16, or fp16 where there is none."""
+        return torch.bfloat16 if self.bf16 else torch.float16
+
     def matmul_rate(self, dtype: torch.dtype, allow_tf32: bool = False) -> float:
-        key = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+        key = HALF_DTYPE_KEYS.get(dtype)
         if key is None:
             key = "tf32" if allow_tf32 and "tf32" in self.matmul_flops else "fp32"
         if key == "bf16" and not self.bf16:
