@@ -68,17 +68,19 @@ def _operands(shape):
     return as_rows(q4.detach()), gamma.detach(), as_matrix(weight.detach()), bias.detach(), as_rows(x), grads
 
 
-def _grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, maxnreg=None) -> dict:
+def _grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, maxnreg=None, split=False) -> dict:
     """One gradient candidate timed: BLOCK_M x BLOCK_P2 tile, T runs per P range, warps,
-    stages and, when given, a register cap per thread (triton's maxnreg)."""
+    stages and, when given, a register cap per thread (triton's maxnreg); `split`: as the sums
+    pass and the dq pass (seat_plan.SPLIT_BACKWARD_BLOCK_N), both with that config."""
     q, gamma, w, bias, attn, (g1, g2) = ops
     k = triton.cdiv(shape.P, p2)
-    plan = seat_plan.GradPlan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, bm, p2, p2, t)
+    plan = seat_plan.GradPlan(seat_plan.MODE_GRADS, shape.B, shape.M, shape.P, shape.N, shape.C, bm, p2, p2, t,
+                              split=split)
     cfg = triton.Config({"BLOCK_P": 16, "BLOCK_PD": min(64, p2)}, num_warps=warps, num_stages=stages,
                         maxnreg=maxnreg)
     iters = triton.cdiv(shape.B * triton.cdiv(shape.M, bm), t)
     row = {"kind": "grad", "block_m": bm, "block_p2": p2, "k": k, "t": t, "warps": warps, "stages": stages,
-           "maxnreg": maxnreg, "ctas": k * t, "iters_per_cta": iters}
+           "maxnreg": maxnreg, "split": split, "ctas": k * t, "iters_per_cta": iters}
     try:
         def run():
             return launch_grad(seat_plan.MODE_GRADS, q, gamma, w, bias, attn=attn, grad_rec_q=g1, grad_rec_t=g2,
@@ -110,15 +112,18 @@ def _tuned(shape, p2) -> list:
 
 def sweep_grad(shape, deadline: float, rows: list) -> None:
     ops, spec, chosen = _grad_setup(shape)
+    # Where the planner splits the backward, each candidate split and whole: what the split costs.
+    splits = (True, False) if chosen.split else (False,)
     # The planner's own tile first: a short budget measures it against its warps and grids.
     for bm, p2 in sorted(GRAD_TILES, key=lambda tile: tile != (chosen.block_m, chosen.block_p2)):
         base = max(1, spec.sms // triton.cdiv(shape.P, p2))
         tuned = _tuned(shape, p2)
         for warps, stages in WARPS_STAGES:
             for t in sorted({base, 2 * base, 4 * base}):
-                if time.monotonic() > deadline:
-                    return
-                rows.append(_grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages))
+                for split in splits:
+                    if time.monotonic() > deadline:
+                        return
+                    rows.append(_grad_row(shape, ops, spec, chosen, tuned, bm, p2, t, warps, stages, split=split))
 
 
 def sweep_caps(shape, deadline: float, rows: list) -> None:

@@ -110,9 +110,12 @@ def _launches(kind: str, dtype: torch.dtype, n: int, arch: int = 90) -> list[_La
         split = {"backward_sums": dict(with_dq=False),
                  "backward_dq_affine": dict(dq_affine=(torch.zeros(p, dtype=master), torch.ones(p, dtype=master)))}
         folded = dict(values=torch.zeros(b, n, c, dtype=master), logit_bias=torch.zeros(b, n, dtype=master))
+        # One pass or split (its sums pass, then its dq pass) as the planner runs it on `arch`.
+        plan = seat_plan.grad_plan(seat_plan.MODE_GRADS, b, m, p, n, c, dtype, seat_plan.device_spec(q.device),
+                                   split=seat_plan.splits_backward(seat_plan.MODE_GRADS, n, arch >= 80))
         seat_backward.launch_grad(
             seat_backward.MODE_GRADS, q, gamma, weight, None, attn=attn, grad_rec_q=grad, grad_rec_t=grad,
-            launch=launch, **(dict(split[kind], **folded) if kind in split else {}),
+            launch=launch, plan=plan, **(dict(split[kind], **folded) if kind in split else {}),
         )
     elif kind in ("loss_image", "loss_rec_q", "loss_relay", "loss_relay_rec_q"):
         x = torch.randn(b, m, c, generator=gen, dtype=master)
@@ -223,6 +226,10 @@ def compile_kind(
             tiles = [k for k in ("BLOCK_M", "BLOCK_P", "BLOCK_P2", "BLOCK_PD") if k in constexprs and autotuned]
             label = ",".join(f"{k[6:]}={constexprs[k]}" for k in tiles)
             label = f"{label + ',' if label else ''}w={warps},s={stages}" + (f",r={maxnreg}" if maxnreg else "")
+            if constexprs.get("PASS"):  # a pass of a split gradient kernel
+                from san_fast.kernels.seat_backward import PASS_NAMES
+
+                label += f",pass={PASS_NAMES[constexprs['PASS']]}"
             row = Row(kind, fn.__name__, dtype, arch, n, label, ok=False, chosen=_chosen(kind, n))
             start = time.perf_counter()
             try:

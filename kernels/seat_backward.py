@@ -11,8 +11,10 @@ Grid (K, T) as planned in seat_plan.py: CTA (j, c) owns P range j and the run c 
    register accumulators held across the whole run; dq = dl Gamma + gq W written in BLOCK_PD-wide
    sub-tiles.
 
-PASS (MODE_GRADS only) runs half of it for the split BatchNorm backward (seat_bn_split.py): the
-sums alone, or dq alone with a per-channel affine. PRODUCERS (the fused modes' relay design)
+PASS (MODE_GRADS only) runs half of it: the sums alone, or dq alone, for the split BatchNorm
+backward (seat_bn_split.py, its dq with a per-channel affine) and for the split backward where
+the whole kernel would spill (GradPlan.split: Q is still read once, in the sums pass, and dQ
+written once, in the dq pass, which reads no Q). PRODUCERS (the fused modes' relay design)
 adds CTAs that run step 1's forward once per row block and hand it to the K CTAs of the run
 (seat_grad_kernel's docstring). The per-row-block device functions are in
 seat_grad_rows.py.
@@ -39,7 +41,8 @@ from san_fast.kernels.seat_grad_rows import (dq_rows, fused_loss_rows, pack_valu
                                              store_partials, values_grad)
 from san_fast.kernels.seat_plan import LOSS_MODES, MODE_GRADS, MODE_LOSS_IMAGE, MODE_LOSS_REC_Q  # noqa: F401
 
-PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+PASS_BOTH, PASS_SUMS, PASS_DQ_AFFINE, PASS_DQ = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
+PASS_NAMES = {PASS_BOTH.value: "both", PASS_SUMS.value: "sums", PASS_DQ_AFFINE.value: "dq_affine", PASS_DQ.value: "dq"}
 
 
 # Batch-dependent integers are not specialized on (divisibility by 16, == 1): nothing in the
@@ -67,7 +70,8 @@ def seat_grad_kernel(
 
     PASS (MODE_GRADS): PASS_BOTH, the sums and dq; PASS_SUMS, the sums only (no dq written);
     PASS_DQ_AFFINE, dq only, written as dq + alpha + beta q per channel (alpha_ptr, beta_ptr: (P,)
-    in ACC), no sums: the split BatchNorm backward (kernels/seat_bn_split.py).
+    in ACC), no sums: the split BatchNorm backward (kernels/seat_bn_split.py). PASS_DQ, dq
+    only: with PASS_SUMS the split backward (GradPlan.split), where PASS_BOTH spills.
 
     PACK_W (the launcher sets it when N + W_ROWS * C <= BLOCK_N <= 64): gu's columns ride in dl's
     padding columns N, N + 1, ..., so one dot gives dGamma and dW together (acc_g's columns
@@ -119,6 +123,7 @@ def seat_grad_kernel(
     pd = tl.arange(0, BLOCK_PD)
     q_dtype = q_ptr.dtype.element_ty
     U_SUMS: tl.constexpr = (MODE == 1) & (W_ROWS == 1)
+    SUMS: tl.constexpr = (PASS == PASS_BOTH) | (PASS == PASS_SUMS)
     w_ok = chan_ok & (low | (W_ROWS == 2))
     # dW partial rows: [0, HALF) -> the whole dW, [HALF, BLOCK_C) -> its rec-loss part (fused).
     w_rows = tl.where(low, N * P + chan * P, N * P + C * P + chan * P)
@@ -164,13 +169,13 @@ def seat_grad_kernel(
                 stride_am, stride_ac, MODE, HAS_BIAS, LOGIT_BIAS, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_N, BLOCK_C,
                 BLOCK_P, U_SUMS,
             )
-        if PASS == PASS_DQ_AFFINE:  # no sums: S's range-0 CTAs sum nothing either
-            da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j < 0, ACC, BLOCK_M, BLOCK_N)
-        else:
+        if SUMS:
             da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j == 0, ACC, BLOCK_M, BLOCK_N)
+        else:  # no sums: S's range-0 CTAs sum nothing either
+            da, acc_s = values_grad(gt, attn, v_blk, acc_s, ns, n_ok, cs, C, j < 0, ACC, BLOCK_M, BLOCK_N)
         dl = attn * (da - tl.sum(attn * da, axis=1)[:, None])
         dl = tl.where(rows_ok[:, None] & n_ok[None, :], dl * tau, 0.0)
-        if LOGIT_BIAS and PASS != PASS_DQ_AFFINE:
+        if LOGIT_BIAS and SUMS:
             acc_s += tl.where((cs[None, :] == C) & (j == 0), tl.sum(dl, axis=0)[:, None], 0.0)
         if PACK_W:
             dl = pack_values_grad(dl, gu, ns, cs, N, C, HALF, W_ROWS)
@@ -185,7 +190,7 @@ def seat_grad_kernel(
         else:
             dl_dq, gu_dq = dl_lp, gu_lp
 
-        if PASS != PASS_DQ_AFFINE:  # step 2, range j
+        if SUMS:  # step 2, range j
             cols = p_lo + p2
             if WIDE_RANGE:
                 HALF_M: tl.constexpr = BLOCK_M // 2
@@ -206,7 +211,7 @@ def seat_grad_kernel(
                     stride_dqp, PASS == PASS_DQ_AFFINE, PACK_W, PRECISION, ACC, OFFS64, BLOCK_M, BLOCK_P2, BLOCK_PD,
                     EVEN_P, WIDE_RANGE)
 
-        if PASS != PASS_DQ_AFFINE:
+        if SUMS:
             if (rb == n_rb - 1) | (it == end - 1):
                 store_partials(ws_ptr + (c + b) * SLOT_LEN, acc_g, acc_w, acc_s, grad_scale, p_lo, p2, p2_ok, ns,
                                n_ok, cs, c_ok, w_rows, w_ok, j == 0, N, P, C, W_ROWS, LOGIT_BIAS, PACK_W)
@@ -243,9 +248,10 @@ def reduce_slots_kernel(ws_ptr, out_ptr, SLOT_LEN, ROW_BLOCKS, ITEMS, T_J, ACC: 
     tl.store(out_ptr + b * SLOT_LEN + offs, total, mask=ok)
 
 
-def _grad_kernel(plan: seat_plan.GradPlan):
+def _grad_kernel(plan: seat_plan.GradPlan, grad_pass: int = PASS_BOTH.value):
     bn = common.block_n(plan.N)
-    configs = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, relay=plan.relay)
+    configs = seat_plan.grad_configs(plan.mode, bn, plan.block_p2, relay=plan.relay,
+                                     sums_pass=grad_pass == PASS_SUMS.value)
     kind = seat_plan.grad_kind(plan.mode, plan.relay)
     return common.autotuned(seat_grad_kernel, kind, seat_plan.bucket(bn), configs,
                             ["N", "P", "C", "MODE", "BLOCK_M", "BLOCK_P2", "PASS", "PRODUCERS"],
@@ -300,7 +306,8 @@ def launch_grad(
 
     MODE_GRADS only: `with_dq=False` computes the sums alone (dq comes back None);
     `dq_affine=(alpha, beta)`, two (P,) tensors, computes dq alone, written as
-    dq + alpha + beta * q per channel, and every other output comes back None.
+    dq + alpha + beta * q per channel, and every other output comes back None. Otherwise a
+    plan with `split` (seat_plan.splits_backward) runs the sums pass, then the dq pass.
     """
     shape = common.check_launch(q, gamma, weight)
     bsz, m, p, n, c = shape
@@ -338,37 +345,40 @@ def launch_grad(
             return torch.empty(size, device=q.device, dtype=acc)
         return torch.full(size, workspace_fill, device=q.device, dtype=acc)
 
-    # The dq pass writes no partial sums: a one-element workspace fills the argument.
-    ws = buffer(1) if grad_pass == PASS_DQ_AFFINE.value else buffer(plan.slots, plan.slot_len)
+    passes = (PASS_SUMS.value, PASS_DQ.value) if grad_pass == PASS_BOTH.value and plan.split else (grad_pass,)
+    # A dq pass alone writes no partial sums: a one-element workspace fills the argument.
+    ws = buffer(1) if passes == (PASS_DQ_AFFINE.value,) else buffer(plan.slots, plan.slot_len)
     rec_q = buffer(bsz, m, c) if fused else dq
     rec_t = buffer(bsz, m, c) if fused else dq
     flags = values
     if plan.producers:  # the relay design: the producers' hand-off (seat_grad_kernel's PRODUCERS)
         attn = torch.empty((bsz, m, n), device=q.device, dtype=q.dtype)
         flags = torch.zeros(1 + plan.items, device=q.device, dtype=torch.int32)
-    kernel, meta = common.with_config(_grad_kernel(plan), config)
     gamma_op = common.as_operand(gamma, q.dtype)
     wide = common.wide_offsets(q, dq, gamma_op, row_a, row_t, *([attn] if attn is not None else []))
+    if dq_affine is None:
+        alpha = beta = values  # unread: PASS_DQ_AFFINE only
     with common.device_guard(q):
-        launch(kernel)[plan.grid](
-            q, gamma_op, common.as_operand(weight, q.dtype), values,
-            bias if bias is not None else values, logit_bias if logit_bias is not None else values,
-            attn if attn is not None else values, row_a, row_t,
-            dq, rec_q, rec_t, ws, alpha if dq_affine is not None else values, beta if dq_affine is not None else values,
-            flags,
-            bsz, m, n, p, c, plan.p_range, plan.ctas_per_range, plan.slot_len, 1.0 / p ** 0.5,
-            2.0 / (bsz * m * c) if fused else 1.0, h_rec, h_con,
-            q.stride(0), q.stride(1), q.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            row_a.stride(0), row_a.stride(1), row_a.stride(2),
-            row_t.stride(0), row_t.stride(1), row_t.stride(2),
-            MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None, PRECISION=common.dot_precision(q),
-            ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide, BLOCK_N=common.block_n(n),
-            BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2, PASS=grad_pass,
-            PACK_W=plan.packs_w, W_ROWS=plan.w_rows, EVEN_P=plan.even_p, WIDE_RANGE=plan.wide_range,
-            PRODUCERS=plan.producers, SPIN_ASM=plan.relay and not common.interpreting(), **meta,
-        )
-        if grad_pass == PASS_DQ_AFFINE.value:
+        for grad_pass in passes:
+            kernel, meta = common.with_config(_grad_kernel(plan, grad_pass), config)
+            launch(kernel)[plan.grid](
+                q, gamma_op, common.as_operand(weight, q.dtype), values,
+                bias if bias is not None else values, logit_bias if logit_bias is not None else values,
+                attn if attn is not None else values, row_a, row_t,
+                dq, rec_q, rec_t, ws, alpha, beta, flags,
+                bsz, m, n, p, c, plan.p_range, plan.ctas_per_range, plan.slot_len, 1.0 / p ** 0.5,
+                2.0 / (bsz * m * c) if fused else 1.0, h_rec, h_con,
+                q.stride(0), q.stride(1), q.stride(2),
+                dq.stride(0), dq.stride(1), dq.stride(2),
+                row_a.stride(0), row_a.stride(1), row_a.stride(2),
+                row_t.stride(0), row_t.stride(1), row_t.stride(2),
+                MODE=mode, HAS_BIAS=bias is not None, LOGIT_BIAS=logit_bias is not None,
+                PRECISION=common.dot_precision(q), ACC=common.tl_acc_dtype(q.dtype), OFFS64=wide,
+                BLOCK_N=common.block_n(n), BLOCK_C=common.BLOCK_C, BLOCK_M=plan.block_m, BLOCK_P2=plan.block_p2,
+                PASS=grad_pass, PACK_W=plan.packs_w, W_ROWS=plan.w_rows, EVEN_P=plan.even_p, WIDE_RANGE=plan.wide_range,
+                PRODUCERS=plan.producers, SPIN_ASM=plan.relay and not common.interpreting(), **meta,
+            )
+        if passes == (PASS_DQ_AFFINE.value,):
             return dq, None, None, None, None, None, None, None
         sums = reduce_slots(ws, plan, launch)
     n_p, c_p = n * p, c * p

@@ -56,9 +56,10 @@ FORWARD_TRIPLES = {
 # Chosen from offline compiles (compile_report.py, JIT specialization, triton 3.9 and 3.6): at
 # N <= 32 every candidate below compiles without spills for bf16 on sm90 and sm80
 # (tests/test_compile_report.py holds it); above N = 64 the least-spilling. At N = 64 the
-# backward's 64 x 128 tile spills (32-772 B) but measured 3.1x faster on an H100 than the
-# spill-free 32 x 64 8-warp tile (0.95 against 2.96 ms, bench/results/nvidia-h100-2026-11-26/
-# seat_sweep_n64.json): small tiles leave the kernel latency-bound, which costs more than spills.
+# backward's 64 x 128 tile runs split (SPLIT_BACKWARD_BLOCK_N), each pass spill-free: whole, it
+# spills (32-772 B) but measured 3.1x faster on an H100 than the spill-free 32 x 64 8-warp tile
+# (0.95 against 2.96 ms, bench/results/nvidia-h100-2026-11-26/seat_sweep_n64.json): small tiles
+# leave the kernel latency-bound.
 GRAD_TILES = {
     "backward": {32: [(64, 128)], 64: [(64, 128)], 128: [(32, 64)], 256: [(16, 64)]},
     "loss": {32: [(32, 64)], 64: [(64, 64)], 128: [(64, 64)], 256: [(64, 64)]},
@@ -81,6 +82,10 @@ GRAD_TUNE = {
     # N = 64: only without pipelining (1 stage) is the 32 x 64 tile spill-free on sm80.
     "relay": {32: [(64, 64, 8, 2)], 64: [(64, 64, 8, 1)], 128: [(64, 64, 8, 2)], 256: [(32, 32, 8, 2)]},
 }
+# The sums pass alone (PASS_SUMS: of the split backward and of the split BatchNorm backward),
+# where the backward's 4-warp config spills in it: 4 B on sm90 at N = 64 (triton 3.6; 3.9 without
+# the fold), every BLOCK_PD and 1 to 3 stages tried. Its 8 warps are spill-free on sm80 and sm90.
+SUMS_PASS_TUNE = {64: [(64, 8, 2)]}
 # The fused loss with target x where its accumulators take at most 32 columns (dW packed into
 # dGamma's padding, seat_grad_kernel's U_SUMS: N + C <= 32; or BLOCK_N = 16): wide tiles, each
 # with its one config (BLOCK_P, BLOCK_PD, warps, stages). At P = 1024 the 32 x 512 tile runs K = 2
@@ -112,6 +117,18 @@ REDUCE_BLOCK = 1024
 FILL_ROWS = 65536
 # At most this many exact waves of CTAs in a wave-filling plan (grad_plan_candidates).
 MAX_WAVES = 4
+# Padded N where the backward from saved attention runs split (GradPlan.split): its sums pass,
+# then its dq pass, two launches of the gradient kernel. At BLOCK_N = 64 the whole kernel spills
+# in bf16 on sm80 at every tile tried but 32 x 64, 3.1x slower (GRAD_TILES; 64 x 128: 360 B with
+# 4 warps, 60 B with 8; 64 x 64 72 B; 32 x 128 44 B; 128 x 64 812 B), and 96 B on sm90 with 4
+# warps, while each pass is spill-free on both (the sums pass with its own config,
+# SUMS_PASS_TUNE; compile_report.py, triton 3.6 and 3.9). Q is still read
+# once (sums pass) and dQ written once (dq pass, which reads no Q); the split re-reads the saved
+# attention and the upstream gradients (N + 2C elements a row: 7% of Q's bytes at N = 64,
+# P = 1024) and redoes the per-row softmax gradient. The whole kernel with 4 warps, spilling,
+# measured 0.95 ms on an H100 at B=16, 128x128, P=1024 (seat_sweep_n64.json); the split is yet
+# to meet a GPU (`python -m bench.seat_sweep --shapes n64 --kinds grad` times both).
+SPLIT_BACKWARD_BLOCK_N = (64,)
 
 
 def bucket(bn: int) -> int:
@@ -204,13 +221,16 @@ def grad_tiles(mode: int, N: int, C: int, sm80: bool = True, relay: bool = False
 
 
 def grad_configs(mode: int, bn: int, block_p2: int, interpreter: Optional[bool] = None,
-                 relay: bool = False) -> list:
-    """Autotune candidates of the gradient kernel for a plan's tile (BLOCK_PD <= BLOCK_P2)."""
+                 relay: bool = False, sums_pass: bool = False) -> list:
+    """Autotune candidates of the gradient kernel for a plan's tile (BLOCK_PD <= BLOCK_P2);
+    `sums_pass`: of its sums pass alone (PASS_SUMS)."""
     kind = grad_kind(mode, relay)
     if _interp(interpreter):
         tunes = [INTERPRETER_TUNE[kind]]
     elif kind == "loss" and block_p2 in WIDE_LOSS_P2:
         tunes = [WIDE_LOSS_P2[block_p2]]
+    elif sums_pass and bucket(bn) in SUMS_PASS_TUNE:
+        tunes = SUMS_PASS_TUNE[bucket(bn)]
     else:
         tunes = GRAD_TUNE[kind][bucket(bn)]
     out, seen = [], set()
@@ -248,6 +268,8 @@ class GradPlan:
     p_range: int
     ctas_per_range: int
     producers: int = 0  # the relay design's producer CTAs per run (seat_grad_kernel's PRODUCERS)
+    # MODE_GRADS: two launches, the sums pass then the dq pass (SPLIT_BACKWARD_BLOCK_N)
+    split: bool = False
 
     @property
     def block_n(self) -> int:
@@ -335,9 +357,12 @@ def grad_plan_candidates(
     mode: int, B: int, M: int, P: int, N: int, C: int, sms: int, *,
     block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
     ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None, sm80: bool = True,
-    relay: bool = False,
+    relay: bool = False, split: Optional[bool] = None,
 ) -> list[GradPlan]:
     bn = common.block_n(N)
+    split = splits_backward(mode, N, sm80) if split is None else split
+    if split and mode != MODE_GRADS:
+        raise ValueError("split: the backward from saved attention (MODE_GRADS) only")
     if _interp(interpreter):
         tiles = [INTERPRETER_GRAD_TILE]
     else:
@@ -375,7 +400,7 @@ def grad_plan_candidates(
                 if runs[0] * group < sms and 1 < group // shared <= MAX_WAVES and resident // shared <= items:
                     runs.append(resident // shared)
             for t in sorted({max(1, min(t, items)) for t in runs}, reverse=True):
-                plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t, producers))
+                plans.append(GradPlan(mode, B, M, P, N, C, bm, p2, width, t, producers, split))
     return plans
 
 
@@ -383,22 +408,24 @@ def grad_plan(
     mode: int, B: int, M: int, P: int, N: int, C: int, dtype: torch.dtype, spec: GPUSpec, *,
     block_m: Optional[int] = None, block_p2: Optional[int] = None, p_range: Optional[int] = None,
     ctas_per_range: Optional[int] = None, interpreter: Optional[bool] = None, relay: bool = False,
+    split: Optional[bool] = None,
 ) -> GradPlan:
     """The plan with the least modeled time (traffic.py); among those within 1% of it, the one
     with the most CTAs, then the fewest HBM bytes. The keyword arguments pin a tile, a range
-    width or T (tests do); `relay` plans the fused loss's relay design."""
+    width or T (tests do); `relay` plans the fused loss's relay design; `split` (MODE_GRADS)
+    overrides splits_backward."""
     return _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range,
-                      _interp(interpreter), relay)
+                      _interp(interpreter), relay, split)
 
 
 @functools.lru_cache(maxsize=256)
 def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range, interpreter,
-               relay) -> GradPlan:
+               relay, split) -> GradPlan:
     from san_fast.kernels import traffic
 
     plans = grad_plan_candidates(mode, B, M, P, N, C, spec.sms, block_m=block_m, block_p2=block_p2,
                                  p_range=p_range, ctas_per_range=ctas_per_range, interpreter=interpreter,
-                                 sm80=spec.bf16, relay=relay)
+                                 sm80=spec.bf16, relay=relay, split=split)
     if len(plans) == 1:
         return plans[0]
     scored = []
@@ -419,6 +446,14 @@ def _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, cta
     near = [s for s in scored if s[0] <= 1.01 * best]
     slots = spec.sms * ctas_per_sm(grad_kind(mode, relay), common.block_n(N))
     return min(near, key=lambda s: (-min(s[2].ctas, slots), s[1], s[2].k))[-1]
+
+
+def splits_backward(mode: int, N: int, sm80: bool = True) -> bool:
+    """Whether the backward from saved attention runs split at this N (SPLIT_BACKWARD_BLOCK_N)
+    on this GPU: sm80 or newer (GPUSpec.bf16), where the spills were. On a V100 the one pass
+    stays: its 6 MB L2 does not hold the rows the K CTAs of a run share, so the dq pass would
+    re-read them from HBM (1.58x the floor modeled at N = 64, against 1.30x in one pass)."""
+    return mode == MODE_GRADS and sm80 and common.block_n(N) in SPLIT_BACKWARD_BLOCK_N
 
 
 def fused_loss_fits(N: int) -> bool:

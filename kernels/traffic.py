@@ -219,7 +219,8 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     (`folded`: with the BatchNorm fold's logit bias and explicit V). `split_bn` (folded,
     MODE_GRADS): the split BatchNorm backward (kernels/seat_bn_split.py), the kernel run twice,
     a sums pass that writes no dQ, then a dq pass that reads Q again, writes dy = dq + alpha +
-    beta q and sums nothing."""
+    beta q and sums nothing. A plan with `split` runs the same two passes, its dq pass reading
+    no Q (seat_plan.SPLIT_BACKWARD_BLOCK_N)."""
     B, M, P, N, C = plan.B, plan.M, plan.P, plan.N, plan.C
     e, acc = _esize(dtype), common.acc_dtype(dtype).itemsize
     bn, bc, k, bm = plan.block_n, common.BLOCK_C, plan.k, plan.block_m
@@ -275,8 +276,8 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     if in_l1:
         note += "; gamma slice held in L1 across row blocks"
     out = _operand_casts(B, N, P, C, dtype, spec, folded=folded)  # launch_grad casts gamma, W (and builds V)
-    if split_bn:
-        out += _split_launches(plan, dtype, spec, config, by, step2, small, l2, note)
+    if split_bn or plan.split:
+        out += _split_launches(plan, dtype, spec, config, by, step2, small, l2, note, affine=split_bn)
     else:
         if relay:
             out.append(_torch_op("zero the relay flags", {"flags": 4 * (1 + plan.items)}, spec, dtype))
@@ -296,20 +297,24 @@ def grad_launches(plan: GradPlan, dtype: torch.dtype, spec: GPUSpec, folded: boo
     return out
 
 
-def _split_launches(plan: GradPlan, dtype, spec, config, by, step2, small, l2, note) -> list:
-    """The split BatchNorm backward's two launches of the gradient kernel (grad_launches): half
-    of step 2's dots each (the sums' in the first, dq's in the second), the per-row softmax
-    gradient in both; the second reads Q (y) and the rows again, and per channel alpha, beta."""
+def _split_launches(plan: GradPlan, dtype, spec, config, by, step2, small, l2, note, affine: bool) -> list:
+    """A split backward's two launches of the gradient kernel (grad_launches): half of step 2's
+    dots each (the sums' in the first, dq's in the second), the per-row softmax gradient and
+    its rows in both. `affine` (the split BatchNorm backward): the second reads Q (y) again,
+    and per channel alpha, beta."""
     if plan.mode != MODE_GRADS:
-        raise ValueError("the split BatchNorm backward runs the gradient kernel from saved attention (MODE_GRADS)")
+        raise ValueError("a split backward runs the gradient kernel from saved attention (MODE_GRADS)")
     sums = {k: v for k, v in by.items() if k != "dQ write"}
-    dq = {k: by[k] for k in ("Q read", "dQ write", "gamma, W, V", "attention read", "attention re-read (HBM)",
+    read = ("Q read",) if affine else ()
+    dq = {k: by[k] for k in (*read, "dQ write", "gamma, W, V", "attention read", "attention re-read (HBM)",
                              "per-row in/out")}
-    dq["BN alpha, beta"] = 2 * plan.P * 4
-    dq_l2 = l2 - by["workspace"]
-    return [_launch("seat_grad_kernel (split BN: sums pass, no dQ)", plan.grid, config, sums, step2 // 2, small,
+    dq_l2 = l2 - by["workspace"] - (0 if affine else by["Q read"])
+    name, dq_name = ("split BN", "dy = dq + alpha + beta q") if affine else ("split", "no Q read")
+    if affine:
+        dq["BN alpha, beta"] = 2 * plan.P * 4
+    return [_launch(f"seat_grad_kernel ({name}: sums pass, no dQ)", plan.grid, config, sums, step2 // 2, small,
                     l2 - by["Q read"], plan.ctas, spec, dtype, note=note),
-            _launch("seat_grad_kernel (split BN: dq pass, dy = dq + alpha + beta q)", plan.grid, config, dq,
+            _launch(f"seat_grad_kernel ({name}: dq pass, {dq_name})", plan.grid, config, dq,
                     step2 // 2, small, dq_l2, plan.ctas, spec, dtype, note=note)]
 
 

@@ -19,6 +19,7 @@ Outputs and workspaces are poisoned with NaN before each launch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -163,8 +164,10 @@ def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows", hint
         dq, dg, dw, dwu, s, _, _, _ = launch_grad(mode, q, gamma, weight, None, attn=attn, grad_rec_q=grq,
                                                 grad_rec_t=grt, **poisoned)
         assert dwu is None
-        _check_split_passes(q, gamma, weight, dict(attn=attn, grad_rec_q=grq, grad_rec_t=grt), plan, cfg,
-                            (dq, dg, dw, s), dtype)
+        rows = dict(attn=attn, grad_rec_q=grq, grad_rec_t=grt)
+        _check_split_passes(q, gamma, weight, rows, plan, cfg, (dq, dg, dw, s), dtype)
+        if plan.split:
+            _check_one_pass(q, gamma, weight, rows, plan, cfg, (dq, dg, dw, s), dtype)
         dg, dw = combine_through_values(dg, dw, s, gamma, weight)
         got = (dq, dg, dw)
         refs = reference_grads(q, gamma, weight, grq, grt, torch.float64)
@@ -179,6 +182,17 @@ def run_grad(mode, n, tile, cfg, dtype, shape=SMALL, seed=0, layout="rows", hint
         names = ("rec_q", "rec_t", "dq", "dgamma", "dweight", "dweight_u")
     for name, g, r, low in zip(names, got, refs, lows):
         check(name, g, r, low, dtype)
+
+
+def _check_one_pass(q, gamma, weight, rows, plan, cfg, split, dtype):
+    """Where the planner splits the backward (seat_plan.splits_backward), the whole kernel on the
+    same grid and tiles gives what the two passes gave."""
+    whole = dataclasses.replace(plan, split=False)
+    got = launch_grad(MODE_GRADS, q, gamma, weight, None, plan=whole, config=cfg, dq=torch.full_like(q, NAN),
+                      workspace_fill=NAN, **rows)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for name, a, b in zip(("dq", "dgamma", "dweight", "S"), (got[0], got[1], got[2], got[4]), split):
+        assert not torch.isnan(a).any() and rel_err(a, b) < tol, name
 
 
 def _check_split_passes(q, gamma, weight, rows, plan, cfg, full, dtype):

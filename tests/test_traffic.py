@@ -413,3 +413,39 @@ def test_with_batch_statistics_the_loss_design_counts_their_backward():
     assert relay.total_bytes == plain.total_bytes + 9 * q and split.modeled_ms < relay.modeled_ms
     with pytest.raises(ValueError, match="bn_stats"):
         traffic.op_traffic("backward", *shape, bn_stats=True)
+
+
+@pytest.mark.parametrize("gpu", ["H100", "A100", "V100"])
+def test_the_backward_at_n64_runs_split_on_sm80_and_newer(gpu):
+    """At BLOCK_N = 64 (seat_plan.SPLIT_BACKWARD_BLOCK_N) the backward from saved attention runs
+    its sums pass, then its dq pass, where the whole kernel spills (sm80, sm90); Q is still
+    read once and dQ written once, the saved rows twice; on a V100 one pass, as before."""
+    spec = GPUS[gpu]
+    dtype = spec.amp_dtype
+    shape = (16, 128 * 128, 1024, 64, 3)
+    plan = traffic._plan(MODE_GRADS, *shape, dtype, spec)
+    assert plan.split == spec.bf16
+    assert not traffic._plan(MODE_GRADS, 16, 128 * 128, 1024, 27, 3, dtype, spec).split
+    assert not seat_plan.splits_backward(MODE_LOSS_IMAGE, 64)
+    whole = seat_plan.grad_plan(MODE_GRADS, *shape, dtype, spec, split=False)
+    assert not whole.split
+    kernels = [x for x in traffic.grad_launches(plan, dtype, spec) if x.name.startswith("seat_grad_kernel")]
+    assert len([x for x in traffic.grad_launches(whole, dtype, spec) if x.name.startswith("seat_grad_kernel")]) == 1
+    if not plan.split:
+        return
+    same = dataclasses.replace(plan, split=False)  # the same grid and tiles in one pass
+    one = [x for x in traffic.grad_launches(same, dtype, spec) if x.name.startswith("seat_grad_kernel")]
+    assert [x.name for x in kernels] == ["seat_grad_kernel (split: sums pass, no dQ)",
+                                         "seat_grad_kernel (split: dq pass, no Q read)"]
+    q_bytes = 16 * 128 * 128 * 1024 * 2
+    sums, dq = (x.bytes_by_tensor for x in kernels)
+    assert sums["Q read"] == q_bytes and "dQ write" not in sums and sums["workspace"] > 0
+    assert dq["dQ write"] == q_bytes and "Q read" not in dq and "workspace" not in dq
+    assert dq["attention read"] == sums["attention read"] == one[0].bytes_by_tensor["attention read"]
+    split_bytes = sum(x.total_bytes for x in kernels)
+    assert split_bytes - one[0].total_bytes == sum(dq[k] for k in dq if k != "dQ write")
+    assert one[0].flops < sum(x.flops for x in kernels) < 1.05 * one[0].flops
+    backward = traffic.op_traffic("backward", *shape, dtype, spec)
+    assert backward.ratio() <= 1.15
+    with pytest.raises(ValueError, match="MODE_GRADS"):
+        seat_plan.grad_plan(MODE_LOSS_IMAGE, *shape, dtype, spec, split=True)
