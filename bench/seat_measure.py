@@ -7,8 +7,10 @@ included), `eager` (the plain PyTorch reference), `fused` and `relay` (paper and
 mode `loss`, and `relay` in mode `bnloss`: impl="triton" with design="fused", the one-pass fused loss, or design="relay",
 whose producer CTAs hand the forward to the gradient CTAs, whatever the launcher would pick
 there: the model's choice among the designs rests on an assumed L2 rate that these rows, beside
-bench/seat_sweep.py's two-pass row, measure), `compiled` (torch.compile of the reference; GPU
-only), `sdpa` (Theta through
+bench/seat_sweep.py's two-pass row, measure), `whole` (mode `fwdbwd` at the sweep shapes where
+the planner splits the backward, N = 64: the Triton op with the whole gradient kernel instead,
+SAN_FAST_SPLIT_BACKWARD=whole, beside the `triton` row's split), `compiled` (torch.compile of
+the reference; GPU only), `sdpa` (Theta through
 F.scaled_dot_product_attention with gamma as key and value, then the 1x1 conv as a linear).
 Modes: `fwd`, `fwdbwd` (forward + backward of both reconstructions), `loss` (L_rec + L_con and
 their backward; Triton's fused-loss kernel against the reference losses), `labels` (argmax),
@@ -37,8 +39,10 @@ sweeps while the budget lasts; `--dry-run` one tiny fp32 shape (CPU: Triton's in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
+import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -56,8 +60,9 @@ HOST_BOUND = 0.8  # GPU work under this share of the event time: the host sets t
 TRAFFIC_OP = {"fwd": "forward", "fwdbwd": "forward_backward", "loss": "fused_loss", "labels": "labels",
               "bnloss": "fused_loss", "moments": None}
 MODES = ("fwd", "fwdbwd", "loss", "labels", "bnloss", "moments")
-VARIANTS = ("triton", "fused", "relay", "eager", "compiled", "sdpa", "fold", "stats")
-TRITON_VARIANTS = ("triton", "fused", "relay")  # the project's kernels: modeled bytes, targets, autotuned configs
+VARIANTS = ("triton", "fused", "relay", "whole", "eager", "compiled", "sdpa", "fold", "stats")
+# the project's kernels: modeled bytes, targets, autotuned configs
+TRITON_VARIANTS = ("triton", "fused", "relay", "whole")
 FORCED_DESIGNS = ("fused", "relay")  # variants that run the fused loss's design of their name
 BN_EPS = 1e-5
 
@@ -95,7 +100,10 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
     sweeps; torch.compile's cases (tens of seconds each to compile) last."""
     ops_modes = ("fwd", "fwdbwd", "loss")
     if shape_name not in ("paper", "tiny"):
-        return [(v, m) for v in ("triton", "eager") for m in ops_modes]
+        out = [(v, m) for v in ("triton", "eager") for m in ops_modes]
+        if _splits_backward(shape_name, device):  # the planner's split beside the whole kernel
+            out.insert(out.index(("triton", "fwdbwd")) + 1, ("whole", "fwdbwd"))
+        return out
     out = [(v, m) for v in ("triton", "eager", "sdpa") for m in ops_modes if (v, m) != ("sdpa", "loss")]
     at = out.index(("triton", "loss")) + 1
     out[at:at] = [(design, "loss") for design in FORCED_DESIGNS]
@@ -105,6 +113,36 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
     if device.type == "cuda":
         out += [("compiled", m) for m in ops_modes]
     return out
+
+
+def _splits_backward(shape_name: str, device: torch.device) -> bool:
+    """Whether the planner splits the backward at this sweep shape (seat_plan.splits_backward)."""
+    try:
+        from san_fast.kernels import seat_plan
+    except ImportError:  # no triton: no Triton rows either
+        return False
+    shape = sweep_shapes().get(shape_name)
+    if shape is None or not seat_plan.splits_backward(seat_plan.MODE_GRADS, shape.N):
+        return False
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_capability(device) >= (8, 0)  # GPUSpec.bf16: where it splits
+    return True
+
+
+@contextlib.contextmanager
+def whole_backward():
+    """The `whole` variant: the backward's plans without the split (SAN_FAST_SPLIT_BACKWARD)."""
+    from san_fast.kernels import seat_plan
+
+    before = os.environ.get(seat_plan.SPLIT_BACKWARD_ENV)
+    os.environ[seat_plan.SPLIT_BACKWARD_ENV] = "whole"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[seat_plan.SPLIT_BACKWARD_ENV]
+        else:
+            os.environ[seat_plan.SPLIT_BACKWARD_ENV] = before
 
 
 def make_inputs(s: Shape, device: torch.device):
@@ -135,7 +173,7 @@ def _compiled(fn):
 
 
 def reconstruct_fn(variant: str):
-    if variant == "triton":
+    if variant in ("triton", "whole"):
         return functools.partial(ops.seat_reconstruct, impl="triton")
     if variant == "compiled":
         return _compiled(ops.seat_reconstruct_reference)
@@ -158,7 +196,18 @@ def labels_fn(variant: str):
 
 def build(variant: str, mode: str, inputs):
     """A no-argument callable running one case; it returns its outputs (kept alive for the
-    memory measurement)."""
+    memory measurement). The `whole` variant runs the Triton op's backward without the split."""
+    run = _build(variant, mode, inputs)
+    if variant != "whole":
+        return run
+
+    def whole():
+        with whole_backward():
+            return run()
+    return whole
+
+
+def _build(variant: str, mode: str, inputs):
     q, gamma, weight, bias, x, grads = inputs
     params = (q, gamma, weight, bias)
     if mode == "fwd":
@@ -257,7 +306,8 @@ def traffic_figures(s: Shape, mode: str, variant: str, gpu) -> dict:
             how = dict(design=variant)
         else:
             how = {}
-        modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **how).total_bytes
+        with whole_backward() if variant == "whole" else contextlib.nullcontext():
+            modeled = traffic.op_traffic(op, s.B, s.M, s.P, s.N, s.C, s.dtype, gpu=gpu, **how).total_bytes
     return {"floor_bytes": int(floor), "modeled_bytes": None if modeled is None else int(modeled)}
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Optional
 
 import torch
@@ -127,8 +128,14 @@ MAX_WAVES = 4
 # attention and the upstream gradients (N + 2C elements a row: 7% of Q's bytes at N = 64,
 # P = 1024) and redoes the per-row softmax gradient. The whole kernel with 4 warps, spilling,
 # measured 0.95 ms on an H100 at B=16, 128x128, P=1024 (seat_sweep_n64.json); the split is yet
-# to meet a GPU (`python -m bench.seat_sweep --shapes n64 --kinds grad` times both).
+# to meet a GPU (gpu_check's SEAT stage times both at N = 64: bench/seat_measure.py's `whole`
+# row; `python -m bench.seat_sweep --shapes n64 --kinds grad` every candidate both ways).
 SPLIT_BACKWARD_BLOCK_N = (64,)
+# An override of splits_backward for the backward's plans, as SAN_FAST_LOSS_DESIGN overrides the
+# loss design: "split" or "whole" everywhere (to measure one against the other, or to run the
+# whole kernel where a GPU times it faster), "auto" the rule.
+SPLIT_BACKWARD_ENV = "SAN_FAST_SPLIT_BACKWARD"
+SPLIT_BACKWARD_CHOICES = {"auto": None, "split": True, "whole": False}
 
 
 def bucket(bn: int) -> int:
@@ -413,7 +420,13 @@ def grad_plan(
     """The plan with the least modeled time (traffic.py); among those within 1% of it, the one
     with the most CTAs, then the fewest HBM bytes. The keyword arguments pin a tile, a range
     width or T (tests do); `relay` plans the fused loss's relay design; `split` (MODE_GRADS)
-    overrides splits_backward."""
+    overrides splits_backward, and so does the environment's SAN_FAST_SPLIT_BACKWARD where it
+    is not given."""
+    if split is None and mode == MODE_GRADS:
+        forced = os.environ.get(SPLIT_BACKWARD_ENV, "auto")
+        if forced not in SPLIT_BACKWARD_CHOICES:
+            raise ValueError(f"{SPLIT_BACKWARD_ENV}={forced!r}: expected one of {tuple(SPLIT_BACKWARD_CHOICES)}")
+        split = SPLIT_BACKWARD_CHOICES[forced]
     return _grad_plan(mode, B, M, P, N, C, dtype, spec, block_m, block_p2, p_range, ctas_per_range,
                       _interp(interpreter), relay, split)
 

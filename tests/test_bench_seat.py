@@ -1,10 +1,13 @@
 """The SEAT benchmark's bookkeeping (bench/seat_measure.py): cases, floors from the traffic
 model, GB/s, memory over Q, and the targets beside the paper-shape rows."""
 
+import os
+
 import pytest
 import torch
 
 from bench import seat_measure as sm
+from san_fast.gpu_specs import GPUS
 from san_fast.kernels import traffic
 
 
@@ -99,3 +102,30 @@ def test_the_relay_and_fused_rows_differ_in_modeled_bytes():
     write the attention that its gradient CTAs read back, traffic the fused design has not."""
     figs = {d: sm.traffic_figures(sm.PAPER, "loss", d, "H100")["modeled_bytes"] for d in ("fused", "relay")}
     assert figs["fused"] != figs["relay"]
+
+
+def test_the_whole_row_sits_beside_the_split_where_the_planner_splits(monkeypatch):
+    """At N = 64 (seat_plan.SPLIT_BACKWARD_BLOCK_N) the forward+backward runs twice: the planner's
+    split and, as `whole`, the whole gradient kernel, each with its own modeled bytes; the
+    override is the environment's and is gone after the case."""
+    from san_fast.kernels import seat_plan
+
+    cpu = torch.device("cpu")
+    n64 = sm.cases("n64", cpu)
+    assert n64[n64.index(("triton", "fwdbwd")) + 1] == ("whole", "fwdbwd")
+    assert ("whole", "fwdbwd") not in sm.cases("n100", cpu) + sm.cases("paper", cpu)
+    s = sm.sweep_shapes()["n64"]
+    monkeypatch.delenv(seat_plan.SPLIT_BACKWARD_ENV, raising=False)
+    split = sm.traffic_figures(s, "fwdbwd", "triton", "H100")["modeled_bytes"]
+    whole = sm.traffic_figures(s, "fwdbwd", "whole", "H100")["modeled_bytes"]
+    assert whole < split  # the split re-reads the saved rows
+    assert seat_plan.SPLIT_BACKWARD_ENV not in os.environ
+    seen = []
+    monkeypatch.setattr(sm, "_build", lambda v, m, i: lambda: seen.append(
+        seat_plan.grad_plan(seat_plan.MODE_GRADS, s.B, s.M, s.P, s.N, s.C, s.dtype, GPUS["H100"]).split))
+    sm.build("whole", "fwdbwd", None)()
+    sm.build("triton", "fwdbwd", None)()
+    assert seen == [False, True]
+    monkeypatch.setenv(seat_plan.SPLIT_BACKWARD_ENV, "sometimes")
+    with pytest.raises(ValueError, match="SAN_FAST_SPLIT_BACKWARD='sometimes'"):
+        seat_plan.grad_plan(seat_plan.MODE_GRADS, 1, 64, 64, 64, 3, torch.float32, GPUS["H100"])

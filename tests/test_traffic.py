@@ -449,3 +449,27 @@ def test_the_backward_at_n64_runs_split_on_sm80_and_newer(gpu):
     assert backward.ratio() <= 1.15
     with pytest.raises(ValueError, match="MODE_GRADS"):
         seat_plan.grad_plan(MODE_LOSS_IMAGE, *shape, dtype, spec, split=True)
+
+
+@pytest.mark.parametrize("env,passes", [(None, [1, 3]), ("split", [1, 3]), ("whole", [0])])
+def test_launch_grad_runs_the_split_or_the_whole_kernel(monkeypatch, env, passes):
+    """launch_grad at N = 64 launches the sums pass then the dq pass (PASS_SUMS, PASS_DQ), or
+    the whole kernel (PASS_BOTH) where SAN_FAST_SPLIT_BACKWARD says so; nothing runs here."""
+    if env is None:
+        monkeypatch.delenv(seat_plan.SPLIT_BACKWARD_ENV, raising=False)
+    else:
+        monkeypatch.setenv(seat_plan.SPLIT_BACKWARD_ENV, env)
+    calls = []
+
+    def record(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kw: calls.append((getattr(kernel, "fn", kernel).__name__, kw))
+        return Grid()
+
+    monkeypatch.setattr(seat_backward, "reduce_slots", lambda ws, plan, launch: torch.zeros(plan.B, plan.slot_len))
+    B, M, P, N, C = 2, 40, 48, 64, 3
+    q, gamma, w = torch.randn(B, M, P), torch.randn(B, N, P), torch.randn(C, P)
+    g, attn = torch.randn(B, M, C), torch.softmax(torch.randn(B, M, N), -1)
+    seat_backward.launch_grad(MODE_GRADS, q, gamma, w, None, attn=attn, grad_rec_q=g, grad_rec_t=g, launch=record)
+    assert [kw["PASS"] for name, kw in calls if name == "seat_grad_kernel"] == passes
