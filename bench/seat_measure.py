@@ -45,6 +45,7 @@ import gc
 import os
 from dataclasses import dataclass, replace
 from typing import Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -116,33 +117,21 @@ def cases(shape_name: str, device: torch.device) -> list[tuple[str, str]]:
 
 
 def _splits_backward(shape_name: str, device: torch.device) -> bool:
-    """Whether the planner splits the backward at this sweep shape (seat_plan.splits_backward)."""
+    """Whether the planner splits the backward at this sweep shape on this device."""
     try:
         from san_fast.kernels import seat_plan
     except ImportError:  # no triton: no Triton rows either
         return False
     shape = sweep_shapes().get(shape_name)
-    if shape is None or not seat_plan.splits_backward(seat_plan.MODE_GRADS, shape.N):
-        return False
-    if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_capability(device) >= (8, 0)  # GPUSpec.bf16: where it splits
-    return True
+    return (shape is not None and seat_plan.splits_backward(seat_plan.MODE_GRADS, shape.N)
+            and seat_plan.device_spec(device).bf16)
 
 
-@contextlib.contextmanager
 def whole_backward():
-    """The `whole` variant: the backward's plans without the split (SAN_FAST_SPLIT_BACKWARD)."""
+    """The `whole` variant's context: the backward's plans without the split (SAN_FAST_SPLIT_BACKWARD)."""
     from san_fast.kernels import seat_plan
 
-    before = os.environ.get(seat_plan.SPLIT_BACKWARD_ENV)
-    os.environ[seat_plan.SPLIT_BACKWARD_ENV] = "whole"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[seat_plan.SPLIT_BACKWARD_ENV]
-        else:
-            os.environ[seat_plan.SPLIT_BACKWARD_ENV] = before
+    return mock.patch.dict(os.environ, {seat_plan.SPLIT_BACKWARD_ENV: "whole"})
 
 
 def make_inputs(s: Shape, device: torch.device):

@@ -21,6 +21,16 @@ def _kernel(launches):
     return next(x for x in launches if x.name.startswith("seat_grad_kernel"))
 
 
+def _recording(calls: list):
+    """A `launch` for the launchers that records (kernel name, grid, args, kwargs) and runs nothing."""
+    def record(kernel):
+        class Grid:
+            def __getitem__(self, grid):
+                return lambda *args, **kw: calls.append((getattr(kernel, "fn", kernel).__name__, grid, args, kw))
+        return Grid()
+    return record
+
+
 def paper(op, **kw):
     s = {**PAPER, **kw}
     return traffic.op_traffic(op, s["B"], s["M"], s["P"], s["N"], s["C"], s["dtype"], **{
@@ -84,13 +94,7 @@ def test_the_model_counts_the_launch_the_launcher_runs():
     plan = seat_plan.grad_plan(MODE_GRADS, 3, 40, 48, 27, 3, torch.float32, H100, block_m=16, p_range=32,
                                ctas_per_range=2, interpreter=True)
     calls = []
-
-    def record(kernel):
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kw: calls.append((getattr(kernel, "fn", kernel).__name__, grid, args, kw))
-        return Grid()
-
+    record = _recording(calls)
     q = torch.randn(3, 40, 48)
     gamma, w = torch.randn(3, 27, 48), torch.randn(3, 48)
     g = torch.randn(3, 40, 3)
@@ -460,16 +464,10 @@ def test_launch_grad_runs_the_split_or_the_whole_kernel(monkeypatch, env, passes
     else:
         monkeypatch.setenv(seat_plan.SPLIT_BACKWARD_ENV, env)
     calls = []
-
-    def record(kernel):
-        class Grid:
-            def __getitem__(self, grid):
-                return lambda *args, **kw: calls.append((getattr(kernel, "fn", kernel).__name__, kw))
-        return Grid()
-
     monkeypatch.setattr(seat_backward, "reduce_slots", lambda ws, plan, launch: torch.zeros(plan.B, plan.slot_len))
     B, M, P, N, C = 2, 40, 48, 64, 3
     q, gamma, w = torch.randn(B, M, P), torch.randn(B, N, P), torch.randn(C, P)
     g, attn = torch.randn(B, M, C), torch.softmax(torch.randn(B, M, N), -1)
-    seat_backward.launch_grad(MODE_GRADS, q, gamma, w, None, attn=attn, grad_rec_q=g, grad_rec_t=g, launch=record)
-    assert [kw["PASS"] for name, kw in calls if name == "seat_grad_kernel"] == passes
+    seat_backward.launch_grad(MODE_GRADS, q, gamma, w, None, attn=attn, grad_rec_q=g, grad_rec_t=g,
+                              launch=_recording(calls))
+    assert [kw["PASS"] for name, _, _, kw in calls if name == "seat_grad_kernel"] == passes
